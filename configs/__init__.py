@@ -1,0 +1,1 @@
+"""YAML presets (kv/) and sweep definitions (sweeps/), shipped inside the package."""

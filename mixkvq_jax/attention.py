@@ -1,0 +1,323 @@
+"""Attention over the quantized cache: one entry point, `cached_attention`, that
+dispatches to the XLA path (runs anywhere, defines correctness) or a Pallas kernel.
+
+The XLA path walks the quantized blocks a few at a time with an online softmax and
+never builds a dequantized copy of the keys: key scales fold into the (channel-permuted)
+query, zero points into a per-group bias, value scales into the probabilities, so the
+integer codes enter the dot products directly:
+
+    score_t = sum_d (q_d * s_dg) * c_dt + sum_d q_d * z_dg        (g = group of token t)
+    out_e   = sum_t (p_t * s_tg) * c_te + sum_t p_t * z_tg        (g = group of channel e)
+
+Results come back as `Partial` (normalized output + log-sum-exp) so partial attentions
+over disjoint token sets (blocks, residual window, the current chunk) merge exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mixkvq_jax import quant
+from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, update_layer
+from mixkvq_jax.config import KVQuantConfig
+
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+_MASKED = -1e30  # finite, so fully masked rows never produce inf - inf
+_HIGHEST = jax.lax.Precision.HIGHEST
+BLOCKS_PER_STEP = 8
+
+
+class Partial(NamedTuple):
+    """Attention of queries over one set of tokens.
+
+    out: [B, C, Hq, D] float32, softmax-normalized over that set (0 where empty).
+    lse: [B, C, Hq] float32 log-sum-exp of the scaled scores (-inf where empty).
+    """
+
+    out: jax.Array
+    lse: jax.Array
+
+
+def merge_partials(a: Partial, b: Partial) -> Partial:
+    """Exact softmax attention over the union of two disjoint token sets."""
+    m = jnp.maximum(a.lse, b.lse)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    wa, wb = jnp.exp(a.lse - m_safe), jnp.exp(b.lse - m_safe)  # exp(-inf) = 0
+    total = wa + wb
+    denom = jnp.where(total > 0, total, 1.0)
+    out = (a.out * wa[..., None] + b.out * wb[..., None]) / denom[..., None]
+    lse = jnp.where(total > 0, m_safe + jnp.log(denom), -jnp.inf)
+    return Partial(out, lse)
+
+
+# ---- online softmax over [B, H, Gq, C, ...] ----------------------------------------
+class _Carry(NamedTuple):
+    max: jax.Array  # [B, H, Gq, C] running max
+    sum: jax.Array  # [B, H, Gq, C] running sum of exp
+    acc: jax.Array  # [B, H, Gq, C, D] running sum of p * v
+
+
+def _online_update(carry: _Carry, scores: jax.Array, valid: jax.Array, values_fn) -> _Carry:
+    """Fold tokens with ``scores`` [B, H, Gq, C, N] (``valid`` broadcastable) in."""
+    scores = jnp.where(valid, scores, _MASKED)
+    m_new = jnp.maximum(carry.max, scores.max(axis=-1))
+    p = jnp.where(valid, jnp.exp(scores - m_new[..., None]), 0.0)
+    alpha = jnp.exp(carry.max - m_new)
+    return _Carry(
+        m_new, carry.sum * alpha + p.sum(-1), carry.acc * alpha[..., None] + values_fn(p)
+    )
+
+
+def _finish(carry: _Carry) -> Partial:
+    """Normalize and return as [B, C, Hq, ...] (Hq = H * Gq, heads grouped per KV head)."""
+    sum_safe = jnp.where(carry.sum > 0, carry.sum, 1.0)
+    out = carry.acc / sum_safe[..., None]
+    lse = jnp.where(carry.sum > 0, carry.max + jnp.log(sum_safe), -jnp.inf)
+    b, h, g, c, d = out.shape
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, c, h * g, d)
+    return Partial(out, lse.transpose(0, 3, 1, 2).reshape(b, c, h * g))
+
+
+def _group_queries(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
+    """[B, C, Hq, D] -> [B, H, Gq, C, D] float32, pre-multiplied by the softmax scale."""
+    b, c, hq, d = q.shape
+    if hq % kv_heads:
+        raise ValueError(f"{hq} query heads cannot share {kv_heads} KV heads; need a multiple")
+    qg = q.astype(jnp.float32).reshape(b, c, kv_heads, hq // kv_heads, d)
+    return qg.transpose(0, 2, 3, 1, 4) * scale
+
+
+def _empty_carry(qg: jax.Array) -> _Carry:
+    shape = qg.shape[:-1]
+    return _Carry(jnp.full(shape, _MASKED), jnp.zeros(shape), jnp.zeros(qg.shape))
+
+
+# ---- score and value contributions of quantized blocks -----------------------------
+def block_scores(qg: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
+    """Scaled scores of grouped queries against blocks: [B, H, S, Gq, C, R].
+
+    ``qg`` is [B, H, Gq, C, D] (scale applied); ``blocks`` holds the `LayerKVCache`
+    block fields sliced to S blocks ([B, H, S, ...]).
+    """
+    r, g = config.residual_length, config.key_group_size
+    if config.stores_permutation:
+        perm = blocks["key_permutation"].astype(jnp.int32)[:, :, :, None, None, :]
+        qp = jnp.take_along_axis(qg[:, :, None], perm, axis=-1)  # [B, H, S, Gq, C, D]
+    else:
+        qp = qg[:, :, None]
+    n_full = config.key_channels_full
+    scores = jnp.einsum(
+        "bhsgcd,bhsdr->bhsgcr", qp[..., :n_full], blocks["key_full"].astype(jnp.float32),
+        precision=_HIGHEST,
+    )
+    offset = n_full
+    for (bits, count), codes, scales, zeros in zip(
+        config.key_tiers, blocks["key_codes"], blocks["key_scales"], blocks["key_zeros"],
+        strict=True,
+    ):
+        q_tier = qp[..., offset : offset + count]  # [B, H, S, Gq, C, n]
+        offset += count
+        c = quant.unpack(codes, bits, length=r).astype(jnp.float32)  # [B, H, S, n, R]
+        c = c.reshape(*c.shape[:-1], r // g, g)
+        q_scaled = q_tier[..., None] * scales.astype(jnp.float32)[:, :, :, None, None]
+        tier = jnp.einsum("bhsgcdn,bhsdnt->bhsgcnt", q_scaled, c, precision=_HIGHEST)
+        bias = jnp.einsum(
+            "bhsgcd,bhsdn->bhsgcn", q_tier, zeros.astype(jnp.float32), precision=_HIGHEST
+        )
+        scores = scores + (tier + bias[..., None]).reshape(scores.shape)
+    return scores
+
+
+def block_values(p: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
+    """``sum_t p_t v_t`` over blocks: p [B, H, S, Gq, C, R] -> [B, H, Gq, C, D]."""
+    if not config.quantizes_values:
+        return jnp.einsum(
+            "bhsgcr,bhsrd->bhgcd", p, blocks["value_codes"].astype(jnp.float32),
+            precision=_HIGHEST,
+        )
+    d, gv = config.head_dim, config.value_group_size
+    codes = quant.unpack(blocks["value_codes"], config.value_bits, length=d)
+    codes = codes.astype(jnp.float32).reshape(*codes.shape[:-1], d // gv, gv)
+    scales = blocks["value_scales"].astype(jnp.float32)  # [B, H, S, R, n]
+    p_scaled = p[..., None] * scales[:, :, :, None, None]  # [B, H, S, Gq, C, R, n]
+    out = jnp.einsum("bhsgcrn,bhsrne->bhgcne", p_scaled, codes, precision=_HIGHEST)
+    bias = jnp.einsum(
+        "bhsgcr,bhsrn->bhgcn", p, blocks["value_zeros"].astype(jnp.float32), precision=_HIGHEST
+    )
+    out = out + bias[..., None]
+    return out.reshape(*out.shape[:-2], d)
+
+
+def _to_tokens(x: jax.Array) -> jax.Array:
+    """[B, H, S, Gq, C, R] -> [B, H, Gq, C, S * R]."""
+    b, h, s, g, c, r = x.shape
+    return x.transpose(0, 1, 3, 4, 2, 5).reshape(b, h, g, c, s * r)
+
+
+def _from_tokens(x: jax.Array, s: int) -> jax.Array:
+    b, h, g, c, n = x.shape
+    return x.reshape(b, h, g, c, s, n // s).transpose(0, 1, 4, 2, 3, 5)
+
+
+def history_attention_xla(
+    q: jax.Array,
+    layer: LayerKVCache,
+    lengths: jax.Array,
+    config: KVQuantConfig,
+    *,
+    scale: float,
+    blocks_per_step: int = BLOCKS_PER_STEP,
+) -> Partial:
+    """Attention of q [B, C, Hq, D] over each sequence's first ``lengths`` cached tokens.
+
+    Walks the quantized blocks ``blocks_per_step`` at a time (stopping after the last
+    block any sequence uses), then the residual window, with an online softmax.
+    """
+    kv_heads, r = layer.residual_keys.shape[1], config.residual_length
+    qg = _group_queries(q, kv_heads, scale)
+    n_slots = layer.key_full.shape[2]
+    step = min(blocks_per_step, n_slots)
+    n_blocks = lengths // r  # [B]
+    blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
+
+    def body(i: jax.Array, carry: _Carry) -> _Carry:
+        # The last step may overlap the previous one; blocks already seen are masked.
+        start = jnp.minimum(i * step, n_slots - step)
+        sl = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, step, axis=2), blocks)
+        slot = start + jnp.arange(step)
+        valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
+        valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, None, :]  # [B,1,1,1,S*R]
+        scores = _to_tokens(block_scores(qg, sl, config))
+        return _online_update(
+            carry, scores, valid, lambda p: block_values(_from_tokens(p, step), sl, config)
+        )
+
+    n_steps = (jnp.max(n_blocks) + step - 1) // step
+    carry = jax.lax.fori_loop(0, n_steps, body, _empty_carry(qg))
+
+    window_valid = jnp.arange(r)[None, :] < (lengths % r)[:, None]
+    window_scores = jnp.einsum(
+        "bhgcd,bhtd->bhgct", qg, layer.residual_keys.astype(jnp.float32), precision=_HIGHEST
+    )
+    window_values = layer.residual_values.astype(jnp.float32)
+    carry = _online_update(
+        carry, window_scores, window_valid[:, None, None, None, :],
+        lambda p: jnp.einsum("bhgct,bhtd->bhgcd", p, window_values, precision=_HIGHEST),
+    )
+    return _finish(carry)
+
+
+def chunk_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, counts: jax.Array, *, scale: float
+) -> Partial:
+    """Causal full-precision attention within a chunk.
+
+    q [B, C, Hq, D], k / v [B, C, H, D]; query i sees chunk tokens j <= i, j < counts.
+    """
+    kv_heads = k.shape[2]
+    qg = _group_queries(q, kv_heads, scale)
+    scores = jnp.einsum("bhgcd,bthd->bhgct", qg, k.astype(jnp.float32), precision=_HIGHEST)
+    c = q.shape[1]
+    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+    valid = causal[None] & (jnp.arange(c)[None, None, :] < counts[:, None, None])
+    values = v.astype(jnp.float32)
+    carry = _online_update(
+        _empty_carry(qg), scores, valid[:, None, None],
+        lambda p: jnp.einsum("bhgct,bthd->bhgcd", p, values, precision=_HIGHEST),
+    )
+    return _finish(carry)
+
+
+# ---- dispatch ---------------------------------------------------------------------
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``pallas`` on TPU/GPU, ``xla`` elsewhere; validate the name."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is unknown; use one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+    return impl
+
+
+def cached_attention(
+    q: jax.Array,
+    layer: LayerKVCache,
+    lengths: jax.Array,
+    config: KVQuantConfig,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> Partial:
+    """Attention of new queries over the cached tokens of one layer.
+
+    Args:
+      q: [B, C, Hq, D] queries (post-RoPE), Hq a multiple of the cache's KV heads.
+      layer: the layer's `LayerKVCache`.
+      lengths: [B] int32 cached tokens per sequence; all of them precede every query.
+      config: the cache's `KVQuantConfig`.
+      scale: softmax scale, default ``1 / sqrt(D)``.
+      impl: ``auto`` | ``xla`` | ``pallas`` | ``pallas_interpret``.
+
+    Returns:
+      `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]).
+    """
+    if q.ndim != 4 or q.shape[-1] != config.head_dim:
+        raise ValueError(
+            f"q must be [batch, tokens, q_heads, head_dim={config.head_dim}], got {q.shape}"
+        )
+    scale = config.head_dim**-0.5 if scale is None else scale
+    impl = resolve_impl(impl)
+    if impl in ("pallas", "pallas_interpret"):
+        try:
+            from mixkvq_jax.pallas_kernels import decode_attention as kernels
+        except ImportError as err:  # kernels not built for this install
+            _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
+        else:
+            reason = kernels.unsupported_reason(q, layer, config)
+            if reason is None:
+                return kernels.cached_attention_pallas(
+                    q, layer, lengths, config, scale=scale, interpret=impl == "pallas_interpret"
+                )
+            _warn_once(f"Pallas decode attention does not support this call ({reason}); "
+                       "using the XLA attention path")
+    return history_attention_xla(q, layer, lengths, config, scale=scale)
+
+
+def attend_and_update(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer: LayerKVCache,
+    lengths: jax.Array,
+    counts: jax.Array,
+    config: KVQuantConfig,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> tuple[jax.Array, LayerKVCache]:
+    """One attention layer's work for a chunk of new tokens (prefill or decode).
+
+    Args:
+      q: [B, C, Hq, D] post-RoPE queries; k, v: [B, C, H, D] post-RoPE keys / values.
+      layer: this layer's cache; lengths: [B] tokens cached before the chunk.
+      counts: [B] valid chunk tokens per sequence (right padding beyond).
+
+    Returns:
+      ``(out, new_layer)``: out [B, C, Hq, D] in q's dtype, the attention of every
+      chunk token over the cached history (quantized) and, causally, over the chunk
+      itself (full precision); ``new_layer`` with the valid chunk tokens appended.
+    """
+    scale = config.head_dim**-0.5 if scale is None else scale
+    history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl)
+    own = chunk_attention(q, k, v, counts, scale=scale)
+    out = merge_partials(history, own).out.astype(q.dtype)
+    return out, update_layer(layer, lengths, k, v, q, counts, config)

@@ -1,0 +1,460 @@
+"""`QuantizedKVCache`: the packed low-bit KV cache as a pytree, and pure functions on it.
+
+Tokens of each sequence live in two places:
+
+* **Blocks** of ``R = residual_length`` tokens, quantized once when they are complete.
+  Sequence ``b`` has ``lengths[b] // R`` of them, in slots ``0 .. n-1``.
+* The **residual window**: the last ``lengths[b] % R`` tokens, in ``full_dtype``.
+
+When a token makes the window hold R tokens, the window is quantized into the next
+block (with the MixKVQ salience of that moment) and emptied, so block boundaries sit at
+multiples of R whatever the chunking of prefill and decode.
+
+Per block and KV head, keys are permuted by salience (``key_permutation``) and split
+into tiers: ``key_full`` [channels, tokens] in ``full_dtype`` and, for each quantized
+tier (``config.key_tiers``, widest first), codes packed along tokens (planar layout,
+`quant.pack`) with per-channel scales/zeros over groups of ``key_group_size`` tokens.
+Values are quantized per token over groups of ``value_group_size`` channels, packed
+along channels, or stored in ``full_dtype`` when ``value_bits == 16``.
+
+Every layer array has a leading ``[layers]`` axis so models can `jax.lax.scan` over
+``cache.layers``. All functions are pure and jit-compatible with static shapes: decode
+compiles once per (batch, max_len).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mixkvq_jax import quant
+from mixkvq_jax.config import KVQuantConfig
+from mixkvq_jax.salience import abs_query_per_kv_head, channel_permutation
+
+
+class CacheOverflowError(ValueError):
+    """More tokens were appended than the cache was created for."""
+
+
+@struct.dataclass
+class LayerKVCache:
+    """One layer's cache (a leading ``[layers]`` axis is added when stacked).
+
+    Shapes below omit that axis. B = batch, H = KV heads, NB = blocks, R = tokens per
+    block, D = head_dim, n_t = channels of key tier t, b_t its bits, G / Gv = key /
+    value group sizes, bv = value bits.
+
+    Attributes:
+      key_full: [B, H, NB, n_full, R] ``full_dtype``, full-precision key tier
+        (permuted channel order, channel-major).
+      key_codes: per quantized tier, [B, H, NB, n_t, R * b_t / 32] uint32, codes packed
+        along tokens.
+      key_scales, key_zeros: per quantized tier, [B, H, NB, n_t, R / G] ``scale_dtype``.
+      key_permutation: [B, H, NB, D] (uint8 for D <= 256): permuted position c holds
+        original channel ``key_permutation[..., c]``; [B, H, NB, 0] when not stored
+        (single tier, or ``salience="none"``: identity order).
+      value_codes: [B, H, NB, R, D * bv / 32] uint32 packed along channels, or
+        [B, H, NB, R, D] ``full_dtype`` when values are not quantized.
+      value_scales, value_zeros: [B, H, NB, R, D / Gv] (``[..., 0]`` when unquantized).
+      residual_keys, residual_values: [B, H, R, D] ``full_dtype``, the recent tokens.
+      query_abs_sum: [B, H, D] float32, running sum of mean |q| per KV head (MixKVQ I_d).
+      query_count: [B] int32, queries accumulated in ``query_abs_sum``.
+    """
+
+    key_full: jax.Array
+    key_codes: tuple[jax.Array, ...]
+    key_scales: tuple[jax.Array, ...]
+    key_zeros: tuple[jax.Array, ...]
+    key_permutation: jax.Array
+    value_codes: jax.Array
+    value_scales: jax.Array
+    value_zeros: jax.Array
+    residual_keys: jax.Array
+    residual_values: jax.Array
+    query_abs_sum: jax.Array
+    query_count: jax.Array
+
+
+@struct.dataclass
+class QuantizedKVCache:
+    """The whole cache: stacked layers, per-sequence lengths and an overflow flag.
+
+    Attributes:
+      layers: `LayerKVCache` whose arrays carry a leading ``[layers]`` axis.
+      lengths: [batch] int32, tokens stored per sequence.
+      overflow: [batch] bool, set (sticky) when an update would have exceeded
+        ``max_len``; such tokens are not reliably stored. Check with `check_overflow`.
+      config: the static `KVQuantConfig`.
+      max_len: the static capacity in tokens per sequence.
+    """
+
+    layers: LayerKVCache
+    lengths: jax.Array
+    overflow: jax.Array
+    config: KVQuantConfig = struct.field(pytree_node=False)
+    max_len: int = struct.field(pytree_node=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers.residual_keys.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers.residual_keys.shape[2]
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def init_layer(
+    config: KVQuantConfig, *, batch: int, num_kv_heads: int, max_len: int
+) -> LayerKVCache:
+    """An empty single-layer cache able to hold ``max_len`` tokens per sequence."""
+    b, h, r, d = batch, num_kv_heads, config.residual_length, config.head_dim
+    nb = config.num_blocks(max_len)
+    full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
+    n_key_groups = r // config.key_group_size
+    key_codes = tuple(
+        jnp.zeros((b, h, nb, n, quant.packed_length(r, bits)), jnp.uint32)
+        for bits, n in config.key_tiers
+    )
+    key_params = tuple(jnp.zeros((b, h, nb, n, n_key_groups), scale) for _, n in config.key_tiers)
+    n_perm = d if config.stores_permutation else 0
+    if config.quantizes_values:
+        n_words = quant.packed_length(d, config.value_bits)
+        value_codes = jnp.zeros((b, h, nb, r, n_words), jnp.uint32)
+        n_value_groups = d // config.value_group_size
+    else:
+        value_codes = jnp.zeros((b, h, nb, r, d), full)
+        n_value_groups = 0
+    return LayerKVCache(
+        key_full=jnp.zeros((b, h, nb, config.key_channels_full, r), full),
+        key_codes=key_codes,
+        key_scales=key_params,
+        key_zeros=tuple(jnp.zeros_like(p) for p in key_params),
+        key_permutation=jnp.zeros((b, h, nb, n_perm), _dtype(config.permutation_dtype)),
+        value_codes=value_codes,
+        value_scales=jnp.zeros((b, h, nb, r, n_value_groups), scale),
+        value_zeros=jnp.zeros((b, h, nb, r, n_value_groups), scale),
+        residual_keys=jnp.zeros((b, h, r, d), full),
+        residual_values=jnp.zeros((b, h, r, d), full),
+        query_abs_sum=jnp.zeros((b, h, d), jnp.float32),
+        query_count=jnp.zeros((b,), jnp.int32),
+    )
+
+
+def init_cache(
+    config: KVQuantConfig, *, num_layers: int, batch: int, num_kv_heads: int, max_len: int
+) -> QuantizedKVCache:
+    """An empty cache: ``num_layers`` stacked layers, ``batch`` sequences of up to
+    ``max_len`` tokens each, ``num_kv_heads`` heads of ``config.head_dim`` channels."""
+    for name, value in (("num_layers", num_layers), ("batch", batch),
+                        ("num_kv_heads", num_kv_heads), ("max_len", max_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
+    layer = init_layer(config, batch=batch, num_kv_heads=num_kv_heads, max_len=max_len)
+    layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers, *x.shape)).copy(), layer)
+    return QuantizedKVCache(
+        layers=layers,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        overflow=jnp.zeros((batch,), bool),
+        config=config,
+        max_len=max_len,
+    )
+
+
+# ---- quantizing blocks ---------------------------------------------------------------
+def quantize_blocks(
+    keys: jax.Array, values: jax.Array, mean_abs_query: jax.Array, config: KVQuantConfig
+) -> dict[str, Any]:
+    """Quantize complete blocks into the cache's block layout.
+
+    Args:
+      keys, values: [..., R, D] blocks of R tokens (any leading dims).
+      mean_abs_query: ``I_d`` broadcastable to [..., D].
+
+    Returns:
+      A dict with the `LayerKVCache` block fields (``key_full``, ``key_codes``, ...),
+      each shaped like the cache's per-block arrays with the given leading dims.
+    """
+    full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
+    perm = channel_permutation(keys, mean_abs_query, config)
+    keys_t = jnp.swapaxes(keys, -1, -2)  # [..., D, R]: channel-major, tiers slice rows
+    if config.stores_permutation:
+        keys_t = jnp.take_along_axis(keys_t, perm[..., :, None], axis=-2)
+    offset = config.key_channels_full
+    codes, scales, zeros = [], [], []
+    for bits, count in config.key_tiers:
+        tier = quant.quantize(
+            keys_t[..., offset : offset + count, :], bits, axis=-1,
+            group_size=config.key_group_size, param_dtype=scale,
+        )
+        codes.append(quant.pack(tier.codes, bits, axis=-1))
+        scales.append(tier.scales)
+        zeros.append(tier.zeros)
+        offset += count
+    lead = keys.shape[:-2]
+    if config.quantizes_values:
+        v = quant.quantize(values, config.value_bits, axis=-1,
+                           group_size=config.value_group_size, param_dtype=scale)
+        value_codes = quant.pack(v.codes, config.value_bits, axis=-1)
+        value_scales, value_zeros = v.scales, v.zeros
+    else:
+        value_codes = values.astype(full)
+        value_scales = value_zeros = jnp.zeros((*lead, config.residual_length, 0), scale)
+    n_perm = config.head_dim if config.stores_permutation else 0
+    return {
+        "key_full": keys_t[..., : config.key_channels_full, :].astype(full),
+        "key_codes": tuple(codes),
+        "key_scales": tuple(scales),
+        "key_zeros": tuple(zeros),
+        "key_permutation": perm[..., :n_perm].astype(config.permutation_dtype),
+        "value_codes": value_codes,
+        "value_scales": value_scales,
+        "value_zeros": value_zeros,
+    }
+
+
+BLOCK_FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "key_permutation",
+                "value_codes", "value_scales", "value_zeros")
+
+
+def _block_arrays(layer: LayerKVCache) -> dict[str, Any]:
+    return {name: getattr(layer, name) for name in BLOCK_FIELDS}
+
+
+def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.Array, jax.Array]:
+    """All block slots of a layer in float32, channels in original order.
+
+    Returns keys and values, each [B, H, NB, R, D] (slots past a sequence's block
+    count hold zeros or stale data; mask them by length).
+    """
+    parts = [layer.key_full.astype(jnp.float32)]
+    for (bits, _), codes, scales, zeros in zip(
+        config.key_tiers, layer.key_codes, layer.key_scales, layer.key_zeros, strict=True
+    ):
+        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1)
+        parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
+    keys_t = jnp.concatenate(parts, axis=-2)  # [B, H, NB, D, R] permuted channels
+    if config.stores_permutation:
+        inverse = jnp.argsort(layer.key_permutation.astype(jnp.int32), axis=-1)
+        keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
+    keys = jnp.swapaxes(keys_t, -1, -2)
+    if config.quantizes_values:
+        codes = quant.unpack(layer.value_codes, config.value_bits, length=config.head_dim)
+        values = quant.dequantize(codes, layer.value_scales, layer.value_zeros, axis=-1)
+    else:
+        values = layer.value_codes.astype(jnp.float32)
+    return keys, values
+
+
+def dequantize_layer(
+    layer: LayerKVCache, lengths: jax.Array, config: KVQuantConfig
+) -> tuple[jax.Array, jax.Array]:
+    """A layer's tokens in order, float32: keys and values [B, H, NB * R + R, D].
+
+    Token t of sequence b is at index t for t < lengths[b]; later indices are padding.
+    """
+    keys, values = dequantize_blocks(layer, config)
+    b, h, nb, r, d = keys.shape
+    n_blocks = lengths // r
+
+    def place(blocks: jax.Array, window: jax.Array, n: jax.Array) -> jax.Array:
+        flat = jnp.concatenate([blocks.reshape(h, nb * r, d), jnp.zeros((h, r, d))], axis=1)
+        return jax.lax.dynamic_update_slice(flat, window.astype(jnp.float32), (0, n * r, 0))
+
+    keys = jax.vmap(place)(keys, layer.residual_keys, n_blocks)
+    values = jax.vmap(place)(values, layer.residual_values, n_blocks)
+    return keys, values
+
+
+def dequantize(cache: QuantizedKVCache) -> tuple[jax.Array, jax.Array]:
+    """Every layer's tokens, float32 keys and values [layers, B, H, NB * R + R, D]."""
+    fn = lambda layer: dequantize_layer(layer, cache.lengths, cache.config)
+    return jax.lax.map(fn, cache.layers)
+
+
+# ---- appending ------------------------------------------------------------------------
+def update_layer(
+    layer: LayerKVCache,
+    lengths: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    queries: jax.Array,
+    counts: jax.Array,
+    config: KVQuantConfig,
+) -> LayerKVCache:
+    """Append a chunk of tokens to one layer; quantize every window that fills up.
+
+    Args:
+      layer: the layer's cache.
+      lengths: [B] int32 tokens stored before this chunk.
+      keys, values: [B, C, H, D] the chunk (post-RoPE keys), right-padded.
+      queries: [B, C, Hq, D] post-RoPE queries of the chunk (for the MixKVQ statistic).
+      counts: [B] int32 valid tokens of the chunk per sequence (0..C).
+      config: the cache's config.
+
+    Returns:
+      The updated layer. ``lengths`` is not stored per layer: advance it once for all
+      layers (`advance`).
+    """
+    b, c, h, d = keys.shape
+    r = config.residual_length
+    full = _dtype(config.full_dtype)
+    valid = jnp.arange(c)[None, :] < counts[:, None]
+    # Running |q| sums after each chunk token: a block is ranked with the statistic of
+    # all queries up to the token that completes it, however the tokens were chunked.
+    abs_q_cumsum = jnp.cumsum(abs_query_per_kv_head(queries, h, valid), axis=1)  # [B,C,H,D]
+    abs_sum = layer.query_abs_sum + abs_q_cumsum[:, -1]
+    q_count = layer.query_count + counts.astype(jnp.int32)
+
+    # Window + chunk, left-aligned: the window's r tokens, then the chunk's at r.
+    n_flush_max = (r - 1 + c) // r  # static: most blocks one chunk can complete
+    buf_len = (n_flush_max + 1) * r
+    window_len = lengths % r
+
+    def fill(window: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+        buf = jnp.zeros((h, buf_len, d), full).at[:, :r].set(window)
+        return jax.lax.dynamic_update_slice(buf, chunk.astype(full), (0, start, 0))
+
+    key_buf = jax.vmap(fill)(layer.residual_keys, jnp.swapaxes(keys, 1, 2), window_len)
+    value_buf = jax.vmap(fill)(layer.residual_values, jnp.swapaxes(values, 1, 2), window_len)
+    n_flush = (window_len + counts) // r  # [B] blocks completed by this chunk
+
+    def window_at(buf: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice(buf, (0, start, 0), (h, r, d))
+
+    new_window_keys = jax.vmap(window_at)(key_buf, n_flush * r)
+    new_window_values = jax.vmap(window_at)(value_buf, n_flush * r)
+
+    def flush(block_arrays: dict[str, Any]) -> dict[str, Any]:
+        def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
+            return buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
+
+        # Chunk index of the token completing block j (clamped for incomplete blocks).
+        j = jnp.arange(n_flush_max)[None, :]
+        last = jnp.clip((j + 1) * r - window_len[:, None] - 1, 0, c - 1)  # [B, F]
+        sums = layer.query_abs_sum[:, None] + jnp.take_along_axis(
+            abs_q_cumsum, last[:, :, None, None], axis=1
+        )  # [B, F, H, D]
+        n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
+        mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
+        new = quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config)
+        # Block j of sequence s goes to slot lengths // r + j; blocks j >= n_flush[s]
+        # are not complete and get an out-of-range slot, which the scatter drops.
+        nb = block_arrays["key_full"].shape[2]
+        slots = jnp.where(j < n_flush[:, None], (lengths // r)[:, None] + j, nb)
+        batch_idx = jnp.arange(b)[:, None]
+
+        def write(old: jax.Array, upd: jax.Array) -> jax.Array:
+            upd = jnp.swapaxes(upd, 1, 2)  # [B, F, H, ...] to match old[b_idx, :, slot]
+            return old.at[batch_idx, :, slots].set(upd.astype(old.dtype), mode="drop")
+
+        return jax.tree.map(write, block_arrays, new)
+
+    blocks = jax.lax.cond(jnp.any(n_flush > 0), flush, lambda x: x, _block_arrays(layer))
+    return layer.replace(
+        **blocks,
+        residual_keys=new_window_keys,
+        residual_values=new_window_values,
+        query_abs_sum=abs_sum,
+        query_count=q_count,
+    )
+
+
+def advance(cache: QuantizedKVCache, layers: LayerKVCache, counts: jax.Array) -> QuantizedKVCache:
+    """Store updated layers and move every sequence's length on by ``counts``."""
+    lengths = cache.lengths + counts.astype(jnp.int32)
+    return cache.replace(
+        layers=layers, lengths=lengths, overflow=cache.overflow | (lengths > cache.max_len)
+    )
+
+
+def _check_room(cache: QuantizedKVCache, counts: jax.Array) -> None:
+    """Raise eagerly when concrete lengths show an overflow (no-op under tracing)."""
+    if isinstance(counts, jax.core.Tracer) or isinstance(cache.lengths, jax.core.Tracer):
+        return
+    needed = int(jnp.max(cache.lengths + counts))
+    if needed > cache.max_len:
+        raise CacheOverflowError(
+            f"cache holds {cache.max_len} tokens per sequence but {needed} are needed; "
+            "create it with a larger max_len"
+        )
+
+
+def _as_counts(counts: jax.Array | None, batch: int, tokens: int) -> jax.Array:
+    if counts is None:
+        return jnp.full((batch,), tokens, jnp.int32)
+    return jnp.asarray(counts, jnp.int32)
+
+
+def _check_chunk(cache: QuantizedKVCache, keys: jax.Array, queries: jax.Array) -> None:
+    layers, b, _, h, d = keys.shape
+    expected = (cache.num_layers, cache.batch, cache.num_kv_heads, cache.config.head_dim)
+    if (layers, b, h, d) != expected:
+        raise ValueError(
+            f"keys/values of shape {keys.shape} do not fit this cache; expected "
+            f"[layers={expected[0]}, batch={expected[1]}, tokens, kv_heads={expected[2]}, "
+            f"head_dim={expected[3]}]"
+        )
+    if queries.shape[:2] != (layers, b) or queries.shape[-1] != d or queries.shape[3] % h:
+        raise ValueError(
+            f"queries of shape {queries.shape} do not fit; expected [layers, batch, tokens, "
+            f"q_heads (a multiple of {h}), head_dim={d}]"
+        )
+
+
+def prefill(
+    cache: QuantizedKVCache,
+    keys: jax.Array,
+    values: jax.Array,
+    queries: jax.Array,
+    counts: jax.Array | None = None,
+) -> QuantizedKVCache:
+    """Append a chunk of tokens to every layer.
+
+    Args:
+      keys, values: [layers, B, T, H, D] post-RoPE keys and values.
+      queries: [layers, B, T, Hq, D] post-RoPE queries (MixKVQ statistic).
+      counts: [B] valid tokens per sequence (default: all T).
+
+    Quantizes all blocks that become complete; the rest stays in the residual window.
+    """
+    _check_chunk(cache, keys, queries)
+    counts = _as_counts(counts, keys.shape[1], keys.shape[2])
+    _check_room(cache, counts)
+    update = lambda layer, k, v, q: update_layer(
+        layer, cache.lengths, k, v, q, counts, cache.config
+    )
+    layers = jax.vmap(update)(cache.layers, keys, values, queries)
+    return advance(cache, layers, counts)
+
+
+def append(
+    cache: QuantizedKVCache, keys: jax.Array, values: jax.Array, queries: jax.Array
+) -> QuantizedKVCache:
+    """Append one decode token per sequence: keys/values [layers, B, H, D], queries
+    [layers, B, Hq, D]. A full window is quantized into a new block."""
+    return prefill(cache, keys[:, :, None], values[:, :, None], queries[:, :, None])
+
+
+def check_overflow(cache: QuantizedKVCache) -> None:
+    """Raise `CacheOverflowError` if any sequence ever exceeded ``max_len``."""
+    if bool(jnp.any(cache.overflow)):
+        raise CacheOverflowError(
+            f"a sequence exceeded the cache capacity of {cache.max_len} tokens "
+            f"(lengths {cache.lengths.tolist()}); create the cache with a larger max_len"
+        )
+
+
+def memory_bytes(cache: QuantizedKVCache | LayerKVCache) -> int:
+    """Bytes of every array the cache holds (what is actually allocated)."""
+    return sum(int(x.nbytes) for x in jax.tree.leaves(cache))

@@ -1,0 +1,179 @@
+"""Asymmetric uniform quantization with groups, and bit-packing into uint32 words.
+
+One quantizer serves every preset: keys use it per channel over groups of G tokens,
+values per token over groups of G channels, each just a different ``axis``.
+
+Scale and zero point are rounded to their storage dtype *before* the codes are
+computed (zero rounded down, scale rounded up), so the codes are exact for the stored
+parameters: ``|x - dequantize(quantize(x))| <= scale / 2`` holds for the scale actually
+stored, whatever its dtype. A zero-range group gets scale 0 and code 0 and dequantizes
+to its zero point (exact whenever that value is representable in the parameter dtype),
+never NaN. Non-finite inputs make their own group non-finite and touch no other group.
+
+Packing is *planar*: a vector of N codes of b bits is split into k = 32/b slabs of
+W = N/k consecutive codes, and slab j occupies bits [b*j, b*(j+1)) of the W words. So
+``(words >> (b*j)) & mask`` yields codes [j*W, (j+1)*W) in order: a kernel unpacks with
+one shift and one mask per slab, and each slab is a contiguous range of tokens (keys) or
+channels (values), with no gather and no interleave.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+class Quantized(NamedTuple):
+    """Codes (uint8, same shape as the input) and per-group scales and zero points
+    (the input shape with the quantized axis divided by the group size)."""
+
+    codes: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is unsupported; use one of {SUPPORTED_BITS}")
+
+
+def _round_toward(x: jax.Array, dtype: jnp.dtype, direction: float) -> jax.Array:
+    """Cast float32 ``x`` to ``dtype``, rounding toward +inf (direction=inf) or -inf."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return x
+    y = x.astype(dtype)
+    wrong_side = (y.astype(jnp.float32) < x) if direction > 0 else (y.astype(jnp.float32) > x)
+    return jnp.where(wrong_side, jnp.nextafter(y, jnp.asarray(direction, dtype)), y)
+
+
+def quant_params(
+    x_min: jax.Array, x_max: jax.Array, bits: int, param_dtype: jnp.dtype = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point for groups with the given min and max, in ``param_dtype``.
+
+    ``zero = min`` rounded down, ``scale = (max - zero) / (2^b - 1)`` rounded up, so every
+    value of the group maps to a code in [0, 2^b - 1] without clamping.
+    """
+    x_min = x_min.astype(jnp.float32)
+    x_max = x_max.astype(jnp.float32)
+    zero = _round_toward(x_min, param_dtype, -jnp.inf)
+    scale = (x_max - zero.astype(jnp.float32)) / (2**bits - 1)
+    return _round_toward(scale, param_dtype, jnp.inf), zero
+
+
+def quantize_with_params(
+    x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int
+) -> jax.Array:
+    """Codes of ``x`` for already-broadcast ``scale`` / ``zero`` (same shape as ``x``)."""
+    scale = scale.astype(jnp.float32)
+    safe_scale = jnp.where(scale == 0, 1.0, scale)  # zero range: code 0, never x/0
+    codes = jnp.round((x.astype(jnp.float32) - zero.astype(jnp.float32)) / safe_scale)
+    codes = jnp.where(scale == 0, 0.0, codes)
+    return jnp.clip(codes, 0, 2**bits - 1).astype(jnp.uint8)
+
+
+def _grouped(x: jax.Array, axis: int, group_size: int) -> jax.Array:
+    """Move ``axis`` last and split it into [n_groups, group_size]."""
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    if n % group_size:
+        raise ValueError(
+            f"axis of length {n} is not a multiple of group_size={group_size}; pad the input "
+            "or choose a group size that divides it"
+        )
+    return x.reshape(*x.shape[:-1], n // group_size, group_size)
+
+
+def quantize(
+    x: jax.Array,
+    bits: int,
+    *,
+    axis: int = -1,
+    group_size: int | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+) -> Quantized:
+    """Asymmetric round-to-nearest (half to even) quantization in groups along ``axis``.
+
+    Args:
+      x: float array (bf16, fp16 or fp32).
+      bits: 2, 4 or 8.
+      axis: the axis along which groups of ``group_size`` elements share a scale.
+      group_size: elements per group; ``None`` means the whole axis is one group.
+      param_dtype: storage dtype of scales and zeros.
+
+    Returns:
+      ``Quantized(codes, scales, zeros)``: ``codes`` has the shape of ``x``; scales and
+      zeros have ``x``'s shape with ``axis`` reduced to ``x.shape[axis] // group_size``.
+    """
+    _check_bits(bits)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"quantize expects a floating-point array, got {x.dtype}")
+    axis = axis % x.ndim
+    group_size = group_size or x.shape[axis]
+    grouped = _grouped(x, axis, group_size)
+    scales, zeros = quant_params(grouped.min(-1), grouped.max(-1), bits, param_dtype)
+    codes = quantize_with_params(grouped, scales[..., None], zeros[..., None], bits)
+    codes = jnp.moveaxis(codes.reshape(*codes.shape[:-2], -1), -1, axis)
+    return Quantized(codes, jnp.moveaxis(scales, -1, axis), jnp.moveaxis(zeros, -1, axis))
+
+
+def dequantize(
+    codes: jax.Array,
+    scales: jax.Array,
+    zeros: jax.Array,
+    *,
+    axis: int = -1,
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Inverse of `quantize`: ``zero + code * scale`` with groups inferred from shapes."""
+    axis = axis % codes.ndim
+    group_size = codes.shape[axis] // scales.shape[axis]
+    scales = jnp.repeat(scales.astype(jnp.float32), group_size, axis=axis)
+    zeros = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=axis)
+    return (zeros + codes.astype(jnp.float32) * scales).astype(dtype)
+
+
+def codes_per_word(bits: int) -> int:
+    _check_bits(bits)
+    return 32 // bits
+
+
+def packed_length(n: int, bits: int) -> int:
+    """uint32 words that hold ``n`` codes of ``bits`` bits (planar layout)."""
+    return -(-n // codes_per_word(bits))
+
+
+def pack(codes: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
+    """Pack unsigned ``bits``-bit codes along ``axis`` into uint32 words (planar layout).
+
+    A length that is not a multiple of 32/bits is zero-padded; `unpack` takes the
+    original length back.
+    """
+    k = codes_per_word(bits)
+    x = jnp.moveaxis(codes, axis, -1).astype(jnp.uint32)
+    n = x.shape[-1]
+    n_words = packed_length(n, bits)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_words * k - n)])
+    slabs = x.reshape(*x.shape[:-1], k, n_words)
+    shifts = (jnp.arange(k, dtype=jnp.uint32) * bits)[:, None]
+    # Slabs occupy disjoint bit ranges, so the sum is a bitwise OR.
+    words = jnp.sum(slabs << shifts, axis=-2, dtype=jnp.uint32)
+    return jnp.moveaxis(words, -1, axis)
+
+
+def unpack(
+    words: jax.Array, bits: int, *, length: int | None = None, axis: int = -1
+) -> jax.Array:
+    """Inverse of `pack`: uint32 words -> uint8 codes along ``axis`` (``length`` codes)."""
+    k = codes_per_word(bits)
+    w = jnp.moveaxis(words, axis, -1).astype(jnp.uint32)
+    mask = jnp.uint32(2**bits - 1)
+    slabs = [(w >> jnp.uint32(bits * j)) & mask for j in range(k)]
+    codes = jnp.concatenate(slabs, axis=-1).astype(jnp.uint8)
+    if length is not None:
+        codes = codes[..., :length]
+    return jnp.moveaxis(codes, -1, axis)

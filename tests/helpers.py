@@ -1,0 +1,27 @@
+"""Shared test helpers: small configs and random KV streams."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from mixkvq_jax.config import KVQuantConfig, load_kv_config
+
+QUANT_PRESETS = ["int8", "kivi4", "kivi2", "mixkvq", "k4v2", "k8v2"]
+
+
+def small_config(name: str, head_dim: int = 32, **overrides) -> KVQuantConfig:
+    """A preset shrunk for tests: R=32 tokens per block, groups of 16, fp32 full tier."""
+    kwargs = dict(residual_length=32, key_group_size=16, value_group_size=16,
+                  full_dtype="float32")
+    kwargs.update(overrides)
+    return load_kv_config(name, head_dim, **kwargs)
+
+
+def random_stream(seed: int, layers: int, batch: int, tokens: int, kv_heads: int,
+                  q_heads: int, head_dim: int):
+    """keys, values [L, B, T, H, D] and queries [L, B, T, Hq, D], float32."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(layers, batch, tokens, kv_heads, head_dim))
+    k[..., :2] *= 8  # a couple of outlier channels, as real keys have
+    v = rng.normal(size=(layers, batch, tokens, kv_heads, head_dim))
+    q = rng.normal(size=(layers, batch, tokens, q_heads, head_dim))
+    return tuple(jnp.asarray(x, jnp.float32) for x in (k, v, q))

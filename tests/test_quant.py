@@ -1,0 +1,114 @@
+"""quant.py: grouped asymmetric quantization and planar bit-packing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixkvq_jax import quant
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("length", [1, 5, 16, 37, 64, 130])
+def test_pack_unpack_round_trip(bits, length):
+    rng = np.random.default_rng(bits * 1000 + length)
+    codes = jnp.asarray(rng.integers(0, 2**bits, size=(3, length)), jnp.uint8)
+    words = quant.pack(codes, bits)
+    assert words.dtype == jnp.uint32
+    assert words.shape == (3, -(-length * bits // 32))
+    np.testing.assert_array_equal(quant.unpack(words, bits, length=length), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_along_other_axis_and_planar_layout(bits):
+    rng = np.random.default_rng(0)
+    codes = jnp.asarray(rng.integers(0, 2**bits, size=(64, 5)), jnp.uint8)
+    words = quant.pack(codes, bits, axis=0)
+    np.testing.assert_array_equal(quant.unpack(words, bits, length=64, axis=0), codes)
+    # Planar: slab j (bits [b*j, b*(j+1)) of every word) holds codes [j*W, (j+1)*W).
+    n_words = 64 * bits // 32
+    slab1 = (np.asarray(words) >> bits) & (2**bits - 1)
+    np.testing.assert_array_equal(slab1, np.asarray(codes)[n_words : 2 * n_words])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_error_within_half_step(dtype, bits, param_dtype):
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(rng.normal(size=(4, 96)) * 3 + 1, dtype)
+    q = quant.quantize(x, bits, axis=-1, group_size=32, param_dtype=param_dtype)
+    assert q.codes.shape == x.shape and q.scales.shape == (4, 3)
+    assert q.scales.dtype == param_dtype
+    assert int(q.codes.max()) <= 2**bits - 1
+    back = quant.dequantize(q.codes, q.scales, q.zeros, axis=-1)
+    step = jnp.repeat(q.scales.astype(jnp.float32), 32, axis=-1)
+    err = jnp.abs(back - x.astype(jnp.float32))
+    # Half a step of the stored scale, plus float32 rounding of z + c * s.
+    assert bool(jnp.all(err <= step / 2 * (1 + 1e-5) + 1e-6))
+
+
+def test_groups_along_tokens_axis():
+    """Keys: per channel over groups of G tokens (axis=-2 of [tokens, channels])."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+    q = quant.quantize(x, 4, axis=0, group_size=32)
+    assert q.scales.shape == (2, 8)
+    ref = quant.quantize(x[:32].T, 4, axis=-1)  # first group, one row per channel
+    np.testing.assert_array_equal(q.scales[0], ref.scales[:, 0])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_exact_on_representable_values(bits, dtype):
+    rng = np.random.default_rng(2)
+    levels = 2**bits - 1
+    codes = rng.integers(0, levels + 1, size=(5, 32))
+    codes[:, 0], codes[:, 1] = 0, levels  # each group spans the full code range
+    scale, zero = 0.25, -1.5
+    x = jnp.asarray(zero + codes * scale, dtype)
+    q = quant.quantize(x, bits, group_size=32, param_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(q.codes, codes)
+    back = quant.dequantize(q.codes, q.scales, q.zeros)
+    np.testing.assert_array_equal(back, x.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_range_groups_are_exact_and_finite(dtype, param_dtype):
+    value = 0.75 if param_dtype == jnp.bfloat16 else 0.123456789
+    x = jnp.full((3, 64), value, dtype).at[0].set(0.0)
+    q = quant.quantize(x, 2, group_size=32, param_dtype=param_dtype)
+    back = quant.dequantize(q.codes, q.scales, q.zeros)
+    assert bool(jnp.all(jnp.isfinite(back)))
+    np.testing.assert_array_equal(back, x.astype(jnp.float32))
+
+
+def test_non_finite_values_stay_in_their_group():
+    x = jnp.ones((1, 64)).at[0, 3].set(jnp.nan).at[0, 40].set(1.5)
+    q = quant.quantize(x, 2, group_size=32)
+    back = quant.dequantize(q.codes, q.scales, q.zeros)
+    assert bool(jnp.all(jnp.isfinite(back[0, 32:])))
+    assert not bool(jnp.all(jnp.isfinite(back[0, :32])))
+
+
+def test_rounds_half_to_even():
+    # scale 1, zero 0: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    x = jnp.asarray([[0.0, 0.5, 1.5, 2.5, 3.0, 3.0, 3.0, 3.0]])
+    q = quant.quantize(x, 2, group_size=8)
+    np.testing.assert_array_equal(q.codes[0, :4], [0, 0, 2, 2])
+
+
+def test_jit_compatible():
+    x = jnp.linspace(-1, 1, 128).reshape(2, 64)
+    f = jax.jit(lambda x: quant.pack(quant.quantize(x, 4, group_size=32).codes, 4))
+    assert f(x).shape == (2, 8)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="bits=3 is unsupported"):
+        quant.quantize(jnp.ones((4, 32)), 3)
+    with pytest.raises(ValueError, match="not a multiple of group_size=32"):
+        quant.quantize(jnp.ones((4, 40)), 2, group_size=32)
+    with pytest.raises(TypeError, match="floating-point"):
+        quant.quantize(jnp.ones((4, 32), jnp.int32), 2)
