@@ -1,0 +1,48 @@
+"""memory.py: weights + KV cache + prefill activations, each measured, and the total."""
+
+import jax
+import pytest
+
+from mixkvq_jax import memory
+from mixkvq_jax.awq import apply_to_tree, quantize_rtn
+from mixkvq_jax.cache import init_cache, memory_bytes
+from mixkvq_jax.config import load_kv_config
+
+
+@pytest.mark.parametrize("preset", ["bf16", "int8", "kivi2", "mixkvq", "k4v2"])
+def test_kv_bytes_from_pytree_equal_formula(demo_model, preset):
+    config, _, _ = demo_model
+    kv = load_kv_config(preset, config.head_dim)
+    from_tree, from_formula = memory.kv_cache_bytes(kv, config, batch=3, context=1000)
+    assert from_tree == from_formula
+    real = init_cache(kv, num_layers=config.num_layers, batch=3,
+                      num_kv_heads=config.num_kv_heads, max_len=1000)
+    assert memory_bytes(real) == from_tree
+
+
+def test_activation_peak_falls_with_the_prefill_chunk(demo_model):
+    config, params, _ = demo_model
+    kv = load_kv_config("kivi2", config.head_dim)
+    big = memory.prefill_activation_bytes(params, config, kv, chunk=256, context=1024)
+    small = memory.prefill_activation_bytes(params, config, kv, chunk=32, context=1024)
+    assert 0 < small < big
+
+
+def test_report_total_is_the_sum_and_awq_weights_are_smaller(demo_model):
+    config, params, _ = demo_model
+    kv = load_kv_config("bf16", config.head_dim)
+    report = memory.memory_report(params, config, kv, context=512, prefill_chunk=64)
+    assert report.total_bytes == (report.weights_bytes + report.kv_cache_bytes
+                                  + report.activation_bytes)
+    assert report.weights_bytes == sum(x.nbytes for x in jax.tree.leaves(params))
+    assert report.kv_cache_bytes == report.kv_cache_formula_bytes
+    int4 = apply_to_tree(params, lambda path, k: quantize_rtn(k, group_size=64),
+                         include=r"layers/(attn|mlp)/.*kernel")
+    assert memory.tree_bytes(int4) < 0.6 * report.weights_bytes
+    assert set(report.as_dict()) >= {"weights_bytes", "kv_cache_bytes", "activation_bytes",
+                                     "total_bytes"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="must be positive"):
+        memory.memory_report({}, None, None, context=0)
