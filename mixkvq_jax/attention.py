@@ -275,7 +275,9 @@ def cached_attention(
             f"q must be [batch, tokens, q_heads, head_dim={config.head_dim}], got {q.shape}"
         )
     scale = config.head_dim**-0.5 if scale is None else scale
-    impl = resolve_impl(impl)
+    requested, impl = impl, resolve_impl(impl)
+    if requested == "auto" and q.shape[1] > 1:
+        impl = "xla"  # the Pallas kernel is for decode; prefill chunks take XLA by design
     if impl in ("pallas", "pallas_interpret"):
         try:
             from mixkvq_jax.pallas_kernels import decode_attention as kernels
