@@ -93,8 +93,9 @@ def _group_queries(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
 
 
 def _empty_carry(qg: jax.Array) -> _Carry:
-    shape = qg.shape[:-1]
-    return _Carry(jnp.full(shape, _MASKED), jnp.zeros(shape), jnp.zeros(qg.shape))
+    # *_like keeps qg's sharding/varying axes, so the carry type-checks under shard_map.
+    return _Carry(jnp.full_like(qg[..., 0], _MASKED), jnp.zeros_like(qg[..., 0]),
+                  jnp.zeros_like(qg))
 
 
 # ---- score and value contributions of quantized blocks -----------------------------
