@@ -36,7 +36,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixkvq_jax.aot import CompileCache
 from mixkvq_jax.cache import QuantizedKVCache, check_overflow, init_cache, memory_bytes
 from mixkvq_jax.config import KVConfigError, KVQuantConfig, load_kv_config
 from mixkvq_jax.errors import UserError
@@ -53,8 +53,6 @@ from mixkvq_jax.models.transformer import Params
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 MIN_CACHE_LEN = 128
-_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-_MAX_COMPILED = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,28 +199,12 @@ _JITTED = {
 }
 
 
-def _compiled(name: str, args: tuple[Any, ...], static: dict[str, Any]) -> tuple[Any, float]:
-    """AOT-compiled ``_JITTED[name]`` for these argument shapes (cached), and the seconds
-    spent compiling now (0.0 on a cache hit)."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (name, treedef, tuple(sorted(static.items())),
-           tuple((x.shape, str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves))
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key], 0.0
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*donated buffers.*")
-        compiled = _JITTED[name].lower(*args, **static).compile()
-    _COMPILED[key] = compiled
-    if len(_COMPILED) > _MAX_COMPILED:
-        _COMPILED.popitem(last=False)
-    return compiled, time.perf_counter() - t0
+_compiled = CompileCache(_JITTED, max_entries=32)
 
 
 def clear_compile_cache() -> None:
     """Forget compiled step functions and reset ``TRACE_COUNTS``."""
-    _COMPILED.clear()
+    _compiled.clear()
     TRACE_COUNTS.clear()
 
 

@@ -29,12 +29,10 @@ Library::
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from mixkvq_jax.aot import CompileCache
 from mixkvq_jax.cache import init_cache
 from mixkvq_jax.config import KVConfigError, KVQuantConfig, load_kv_config
 from mixkvq_jax.errors import UserError
@@ -145,27 +144,9 @@ _JITTED = {
 }
 
 
-_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-_MAX_COMPILED = 16
 
 
-def _compile(name: str, args: tuple[Any, ...], static: dict[str, Any]) -> tuple[Any, float]:
-    """AOT-compiled step for these shapes and static config (cached); (compiled, seconds
-    spent compiling now, 0.0 on a cache hit)."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (name, treedef, tuple(sorted(static.items())),
-           tuple((x.shape, str(x.dtype)) for x in leaves))
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key], 0.0
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*donated buffers.*")
-        compiled = _JITTED[name].lower(*args, **static).compile()
-    _COMPILED[key] = compiled
-    if len(_COMPILED) > _MAX_COMPILED:
-        _COMPILED.popitem(last=False)
-    return compiled, time.perf_counter() - t0
+_compile = CompileCache(_JITTED, max_entries=16)
 
 
 def _chunks(tokens: np.ndarray, chunk: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
