@@ -173,7 +173,10 @@ def calibrate(params: Params, model_config: ModelConfig, tokens: np.ndarray, *,
     excess = check_budget(budget, head_dim, full_bits=base.full_bits)
     name = name or f"mixkvq_cal{budget_label(budget)}"
 
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("calibration needs Optuna: pip install 'mixkvq-jax[eval]'") from None
 
     t_start = time.perf_counter()
     if reference is None:
