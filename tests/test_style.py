@@ -22,3 +22,16 @@ def test_versions_printed(capsys):
     with capsys.disabled():
         print(f"\n[versions] jax {jax.__version__}, flax {flax.__version__}, "
               f"backend {jax.default_backend()}")
+
+
+def test_every_subpackage_is_packaged():
+    """A non-editable install ships only the packages pyproject lists: list them all."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    dirs = setup["package-dir"]
+    for package, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            sub = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((package, *sub)) in listed, f"{package}.{'.'.join(sub)} not listed"
