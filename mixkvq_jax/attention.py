@@ -1,16 +1,17 @@
 """Attention over the quantized cache: one entry point, `cached_attention`, that
 dispatches to the XLA path (runs anywhere, defines correctness) or a Pallas kernel.
 
-The XLA path walks the quantized blocks a few at a time with an online softmax and
-never builds a dequantized copy of the keys: key scales fold into the (channel-permuted)
-query, zero points into a per-group bias, value scales into the probabilities, so the
-integer codes enter the dot products directly:
+The XLA path never builds a dequantized float copy of the history for decode: key scales
+fold into the (channel-permuted) query, zero points into a per-group bias, value scales
+into the probabilities, so the integer codes enter the contractions directly:
 
     score_t = sum_d (q_d * s_dg) * c_dt + sum_d q_d * z_dg        (g = group of token t)
     out_e   = sum_t (p_t * s_tg) * c_te + sum_t p_t * z_tg        (g = group of channel e)
 
-Results come back as `Partial` (normalized output + log-sum-exp) so partial attentions
-over disjoint token sets (blocks, residual window, the current chunk) merge exactly.
+It walks the blocks a step at a time (as many as fit a memory budget: usually the whole
+cache in one step at decode) with an online softmax, then the residual window. Results
+come back as `Partial` (normalized output + log-sum-exp) so partial attentions over
+disjoint token sets (blocks, residual window, the current chunk) merge exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from mixkvq_jax.config import KVQuantConfig
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MASKED = -1e30  # finite, so fully masked rows never produce inf - inf
 _HIGHEST = jax.lax.Precision.HIGHEST
-BLOCKS_PER_STEP = 8
+BLOCKS_PER_STEP: int | None = None  # None: as many blocks per step as STEP_BYTES allows
+STEP_BYTES = 32 * 2**20  # intermediates (unpacked codes, scores) of one step, about
 
 
 class Partial(NamedTuple):
@@ -99,70 +101,167 @@ def _empty_carry(qg: jax.Array) -> _Carry:
 
 
 # ---- score and value contributions of quantized blocks -----------------------------
-def block_scores(qg: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
-    """Scaled scores of grouped queries against blocks: [B, H, S, Gq, C, R].
+# Inside the XLA path the queries are [B, H, M, D]: M = Gq * C query rows share each KV
+# head, so every contraction is [B, H, M, ...] x [B, H, ..., tokens].
+#
+# On CPU, XLA hands reductions and dots (with simple elementwise producers: convert,
+# multiply, add) to YNNPACK fusions, which do not take the shift/mask ops of unpacking.
+# So packed codes are unpacked by an XLA loop fusion to uint8 (a byte per code, a quarter
+# of a float copy) and the contraction reads those bytes with the scales folded in:
+#
+# * few query rows per KV head (decode, M = Gq): keys as one broadcast multiply-reduce
+#   over channels, ``sum_d (q_d * s_dg) * c_dt``, that YNNPACK fuses (convert, scale,
+#   product, sum). The codes are unpacked slab-major, [slab, channel, word]: every row is
+#   a contiguous run of words (the unpack vectorizes) and, since a slab's W tokens lie in
+#   one scale group, the group is a plain axis of the product (no gather, no reshape of
+#   a broadcast, which YNNPACK would materialize). Values: per value group, per-block
+#   dots of the probabilities (scaled per token) with that group's codes.
+# * many query rows (prefill chunks): the blocks of a step are dequantized to a float32
+#   tile and contracted with ordinary dots, whose cost the many rows amortize.
+#
+# Zero points enter as small bias terms (``sum_d q_d * z_dg``, ``sum_t p_t * z_tg``).
+# Full-precision arrays are read in their stored [B, H, S, ...] shape with no reshape:
+# the models slice each layer out of a stacked cache, and XLA then shares that one slice
+# between the attention and the cache update (a reshaped read would be a second copy).
+REDUCE_MAX_ROWS = 16  # at most this many query rows per KV head use the reduce path
 
-    ``qg`` is [B, H, Gq, C, D] (scale applied); ``blocks`` holds the `LayerKVCache`
-    block fields sliced to S blocks ([B, H, S, ...]).
+
+def _unpack(words: jax.Array, bits: int, length: int) -> jax.Array:
+    """uint32 words [..., W] (planar packing) -> uint8 codes [..., length], in order.
+
+    Slab j of the planar layout is a contiguous run of W codes, so the broadcast shift
+    yields [..., slabs, W], already in order: one elementwise op, no concatenate.
     """
+    k = quant.codes_per_word(bits)
+    shifts = (jnp.arange(k, dtype=jnp.uint32) * bits)[:, None]
+    codes = (words[..., None, :] >> shifts) & jnp.uint32(2**bits - 1)
+    codes = codes.astype(jnp.uint8).reshape(*words.shape[:-1], k * words.shape[-1])
+    return codes[..., :length] if length != codes.shape[-1] else codes
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=_HIGHEST)
+
+
+def _merge_bh(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _permuted_queries(q: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
+    """[B, H, M, D] -> [B, H, M, S, D] in each block's channel order ([.., 1, D] if none)."""
+    if not config.stores_permutation:
+        return q[:, :, :, None]
+    perm = blocks["key_permutation"].astype(jnp.int32)  # [B, H, S, D]
+    return jnp.take_along_axis(q[:, :, :, None], perm[:, :, None], axis=-1)
+
+
+def _tier_scores_by_slab(q_tier: jax.Array, codes: jax.Array, scales: jax.Array, bits: int,
+                         group: int) -> jax.Array:
+    """One key tier's scale-folded scores (zero points excluded): [Z, M, S, R].
+
+    q_tier [Z, M, S|1, n] (Z = B * H); codes uint32 [B, H, S, n, W] packed along tokens,
+    W dividing ``group``; scales float32 [Z, S, n, NG].
+    """
+    z_, m, _, n = q_tier.shape
+    s, w = codes.shape[2], codes.shape[-1]
+    ng, per_group = scales.shape[-1], group // w
+    words = _merge_bh(codes).reshape(z_ * s, 1, 1, n, w)
+    shifts = (jnp.arange(ng * per_group, dtype=jnp.uint32) * bits).reshape(ng, per_group, 1, 1)
+    c = ((words >> shifts) & jnp.uint32(2**bits - 1)).astype(jnp.uint8)  # [ZS, NG, k, n, W]
+    q_rows = jnp.broadcast_to(jnp.swapaxes(q_tier, 1, 2), (z_, s, m, n)).reshape(z_ * s, m, n)
+    q_scaled = q_rows[..., None] * scales.reshape(z_ * s, 1, n, ng)  # [ZS, M, n, NG]
+    q_scaled = jnp.swapaxes(q_scaled, 2, 3)[:, :, :, None, :, None]  # [ZS, M, NG, 1, n, 1]
+    out = jnp.sum(q_scaled * _f32(c)[:, None], axis=4)  # [ZS, M, NG, k, W]: token order
+    return jnp.swapaxes(out.reshape(z_, s, m, ng * per_group * w), 1, 2)
+
+
+def block_scores(q: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
+    """Scaled scores of query rows against blocks: q [B, H, M, D] -> [B, H, M, S, R].
+
+    ``q`` holds the (softmax-scaled) query rows of each KV head; ``blocks`` the
+    `LayerKVCache` block fields of S blocks ([B, H, S, ...]).
+    """
+    b, h, m, _ = q.shape
+    s = blocks["key_full"].shape[2]
     r, g = config.residual_length, config.key_group_size
-    if config.stores_permutation:
-        perm = blocks["key_permutation"].astype(jnp.int32)[:, :, :, None, None, :]
-        qp = jnp.take_along_axis(qg[:, :, None], perm, axis=-1)  # [B, H, S, Gq, C, D]
-    else:
-        qp = qg[:, :, None]
+    qp = _permuted_queries(q, blocks, config)  # [B, H, M, S|1, D]
+    reduce_path = m <= REDUCE_MAX_ROWS
     n_full = config.key_channels_full
-    scores = jnp.einsum(
-        "bhsgcd,bhsdr->bhsgcr", qp[..., :n_full], blocks["key_full"].astype(jnp.float32),
-        precision=_HIGHEST,
-    )
+    scores = None
+    if n_full:
+        keys = _f32(blocks["key_full"])  # [B, H, S, n, R]
+        if reduce_path:
+            scores = jnp.sum(qp[..., :n_full, None] * keys[:, :, None], axis=4)
+        else:
+            q_full = jnp.broadcast_to(qp[..., :n_full], (b, h, m, s, n_full))
+            scores = _dot("bhmsd,bhsdr->bhmsr", q_full, keys)
     offset = n_full
+    qz = _merge_bh(qp)  # [Z, M, S|1, D]
     for (bits, count), codes, scales, zeros in zip(
         config.key_tiers, blocks["key_codes"], blocks["key_scales"], blocks["key_zeros"],
         strict=True,
     ):
-        q_tier = qp[..., offset : offset + count]  # [B, H, S, Gq, C, n]
+        q_tier = qz[..., offset : offset + count]  # [Z, M, S|1, n]
         offset += count
-        c = quant.unpack(codes, bits, length=r).astype(jnp.float32)  # [B, H, S, n, R]
-        c = c.reshape(*c.shape[:-1], r // g, g)
-        q_scaled = q_tier[..., None] * scales.astype(jnp.float32)[:, :, :, None, None]
-        tier = jnp.einsum("bhsgcdn,bhsdnt->bhsgcnt", q_scaled, c, precision=_HIGHEST)
-        bias = jnp.einsum(
-            "bhsgcd,bhsdn->bhsgcn", q_tier, zeros.astype(jnp.float32), precision=_HIGHEST
-        )
-        scores = scores + (tier + bias[..., None]).reshape(scores.shape)
+        scales, zeros = _f32(_merge_bh(scales)), _f32(_merge_bh(zeros))  # [Z, S, n, NG]
+        if reduce_path and g % codes.shape[-1] == 0:
+            tier = _tier_scores_by_slab(q_tier, codes, scales, bits, g)
+            tier = tier.reshape(b * h, m, s, r // g, g)
+        else:
+            c = _unpack(_merge_bh(codes), bits, r).reshape(b * h, s, count, r // g, g)  # uint8
+            if reduce_path:
+                q_scaled = q_tier[..., None] * scales[:, None]  # [Z, M, S, n, NG]
+                tier = jnp.sum(q_scaled[..., None] * _f32(c)[:, None], axis=3)
+            else:
+                keys = (_f32(c) * scales[..., None]).reshape(b * h, s, count, r)
+                q_tier = jnp.broadcast_to(q_tier, (b * h, m, s, count))
+                tier = _dot("zmsd,zsdr->zmsr", q_tier, keys).reshape(b * h, m, s, r // g, g)
+        bias = jnp.sum(q_tier[..., None] * zeros[:, None], axis=3)  # [Z, M, S, NG]
+        tier = (tier + bias[..., None]).reshape(b, h, m, s, r)
+        scores = tier if scores is None else scores + tier
     return scores
 
 
 def block_values(p: jax.Array, blocks: dict[str, Any], config: KVQuantConfig) -> jax.Array:
-    """``sum_t p_t v_t`` over blocks: p [B, H, S, Gq, C, R] -> [B, H, Gq, C, D]."""
+    """``sum_t p_t v_t`` over blocks: p [B, H, M, S, R] -> [B, H, M, D]."""
+    codes = blocks["value_codes"]
     if not config.quantizes_values:
-        return jnp.einsum(
-            "bhsgcr,bhsrd->bhgcd", p, blocks["value_codes"].astype(jnp.float32),
-            precision=_HIGHEST,
-        )
+        # Per-block dots then a sum over blocks: contracting only R keeps the stored
+        # [B, H, S, R, D] layout (contracting S and R together would reshape, i.e. copy).
+        return jnp.sum(_dot("bhmsr,bhsrd->bhsmd", p, _f32(codes)), axis=2)
+    b, h, m, s, r = p.shape
     d, gv = config.head_dim, config.value_group_size
-    codes = quant.unpack(blocks["value_codes"], config.value_bits, length=d)
-    codes = codes.astype(jnp.float32).reshape(*codes.shape[:-1], d // gv, gv)
-    scales = blocks["value_scales"].astype(jnp.float32)  # [B, H, S, R, n]
-    p_scaled = p[..., None] * scales[:, :, :, None, None]  # [B, H, S, Gq, C, R, n]
-    out = jnp.einsum("bhsgcrn,bhsrne->bhgcne", p_scaled, codes, precision=_HIGHEST)
-    bias = jnp.einsum(
-        "bhsgcr,bhsrn->bhgcn", p, blocks["value_zeros"].astype(jnp.float32), precision=_HIGHEST
-    )
-    out = out + bias[..., None]
-    return out.reshape(*out.shape[:-2], d)
+    ng, z_ = d // gv, b * h
+    p = p.reshape(z_, m, s, r)
+    c = _unpack(_merge_bh(codes), config.value_bits, d).reshape(z_, s, r, ng, gv)  # uint8
+    scales = _f32(_merge_bh(blocks["value_scales"]))  # [Z, S, R, NG]
+    zeros = _f32(_merge_bh(blocks["value_zeros"]))
+    bias = jnp.sum(_dot("zmsr,zsrn->zsmn", p, zeros), axis=1)  # [Z, M, NG]
+    if m <= REDUCE_MAX_ROWS:
+        # Per value group: per-block dots of p (scaled per token) with the group's codes.
+        out = jnp.stack([
+            jnp.sum(_dot("zmsr,zsre->zsme", p * scales[:, None, ..., i], _f32(c[..., i, :])),
+                    axis=1)
+            for i in range(ng)
+        ], axis=2)  # [Z, M, NG, Gv]
+    else:
+        values = _f32(c) * scales[..., None]
+        out = jnp.sum(_dot("zmsr,zsrne->zsmne", p, values), axis=1)
+    return (out + bias[..., None]).reshape(b, h, m, d)
 
 
-def _to_tokens(x: jax.Array) -> jax.Array:
-    """[B, H, S, Gq, C, R] -> [B, H, Gq, C, S * R]."""
-    b, h, s, g, c, r = x.shape
-    return x.transpose(0, 1, 3, 4, 2, 5).reshape(b, h, g, c, s * r)
-
-
-def _from_tokens(x: jax.Array, s: int) -> jax.Array:
-    b, h, g, c, n = x.shape
-    return x.reshape(b, h, g, c, s, n // s).transpose(0, 1, 4, 2, 3, 5)
+def _auto_step(layer: LayerKVCache, config: KVQuantConfig, rows: int) -> int:
+    """Blocks per step whose intermediates (unpacked codes or a dequantized tile, and the
+    scores) stay near `STEP_BYTES`."""
+    b, h = layer.residual_keys.shape[:2]
+    r, d = config.residual_length, config.head_dim
+    code_bytes = 4 if rows > REDUCE_MAX_ROWS else 1
+    per_block = b * h * r * (2 * d * code_bytes + 8 * rows)
+    return max(1, STEP_BYTES // per_block)
 
 
 def history_attention_xla(
@@ -172,45 +271,63 @@ def history_attention_xla(
     config: KVQuantConfig,
     *,
     scale: float,
-    blocks_per_step: int = BLOCKS_PER_STEP,
+    blocks_per_step: int | None = BLOCKS_PER_STEP,
 ) -> Partial:
     """Attention of q [B, C, Hq, D] over each sequence's first ``lengths`` cached tokens.
 
-    Walks the quantized blocks ``blocks_per_step`` at a time (stopping after the last
-    block any sequence uses), then the residual window, with an online softmax.
+    Walks the quantized blocks ``blocks_per_step`` at a time (``None``: as many as keep a
+    step's intermediates near `STEP_BYTES`, so one step covers a whole decode cache of
+    moderate size), stopping after the last block any sequence uses, then the residual
+    window, with an online softmax.
     """
+    b, c, _, d = q.shape
     kv_heads, r = layer.residual_keys.shape[1], config.residual_length
-    qg = _group_queries(q, kv_heads, scale)
+    qg = _group_queries(q, kv_heads, scale)  # [B, H, Gq, C, D]
+    gq = qg.shape[2]
+    m = gq * c
+    qm = qg.reshape(b, kv_heads, m, d)
     n_slots = layer.key_full.shape[2]
-    step = min(blocks_per_step, n_slots)
+    if blocks_per_step is None:
+        blocks_per_step = _auto_step(layer, config, m)
+    step = max(1, min(blocks_per_step, n_slots))
     n_blocks = lengths // r  # [B]
     blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
 
-    def body(i: jax.Array, carry: _Carry) -> _Carry:
-        # The last step may overlap the previous one; blocks already seen are masked.
-        start = jnp.minimum(i * step, n_slots - step)
-        sl = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, step, axis=2), blocks)
-        slot = start + jnp.arange(step)
-        valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
-        valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, None, :]  # [B,1,1,1,S*R]
-        scores = _to_tokens(block_scores(qg, sl, config))
+    def fold(carry: _Carry, sl: dict[str, Any], valid_blocks: jax.Array) -> _Carry:
+        scores = block_scores(qm, sl, config).reshape(b, kv_heads, m, step * r)
+        valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
         return _online_update(
-            carry, scores, valid, lambda p: block_values(_from_tokens(p, step), sl, config)
+            carry, scores, valid,
+            lambda p: block_values(p.reshape(b, kv_heads, m, step, r), sl, config),
         )
 
-    n_steps = (jnp.max(n_blocks) + step - 1) // step
-    carry = jax.lax.fori_loop(0, n_steps, body, _empty_carry(qg))
+    shape = (b, kv_heads, m)
+    carry = _Carry(jnp.full(shape, _MASKED), jnp.zeros(shape), jnp.zeros((*shape, d)))
+    if step == n_slots:
+        carry = fold(carry, blocks, jnp.arange(step)[None, :] < n_blocks[:, None])
+    else:
+        def body(i: jax.Array, carry: _Carry) -> _Carry:
+            # The last step may overlap the previous one; blocks already seen are masked.
+            start = jnp.minimum(i * step, n_slots - step)
+            sl = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, step, axis=2),
+                              blocks)
+            slot = start + jnp.arange(step)
+            valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
+            return fold(carry, sl, valid_blocks)
+
+        n_steps = (jnp.max(n_blocks) + step - 1) // step
+        carry = jax.lax.fori_loop(0, n_steps, body, carry)
 
     window_valid = jnp.arange(r)[None, :] < (lengths % r)[:, None]
-    window_scores = jnp.einsum(
-        "bhgcd,bhtd->bhgct", qg, layer.residual_keys.astype(jnp.float32), precision=_HIGHEST
-    )
-    window_values = layer.residual_values.astype(jnp.float32)
+    window_keys = _f32(layer.residual_keys)  # [B, H, R, D]
+    window_values = _f32(layer.residual_values)
     carry = _online_update(
-        carry, window_scores, window_valid[:, None, None, None, :],
-        lambda p: jnp.einsum("bhgct,bhtd->bhgcd", p, window_values, precision=_HIGHEST),
+        carry, _dot("bhmd,bhtd->bhmt", qm, window_keys), window_valid[:, None, None, :],
+        lambda p: _dot("bhmt,bhtd->bhmd", p, window_values),
     )
-    return _finish(carry)
+    shape = (b, kv_heads, gq, c)
+    return _finish(_Carry(carry.max.reshape(shape), carry.sum.reshape(shape),
+                          carry.acc.reshape(*shape, d)))
 
 
 def chunk_attention(
@@ -292,7 +409,8 @@ def cached_attention(
                 )
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
-    return history_attention_xla(q, layer, lengths, config, scale=scale)
+    return history_attention_xla(q, layer, lengths, config, scale=scale,
+                                 blocks_per_step=BLOCKS_PER_STEP)
 
 
 def attend_and_update(
@@ -323,4 +441,10 @@ def attend_and_update(
     history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl)
     own = chunk_attention(q, k, v, counts, scale=scale)
     out = merge_partials(history, own).out.astype(q.dtype)
-    return out, update_layer(layer, lengths, k, v, q, counts, config)
+    # The models write the new layer back into the stacked cache they carry through a
+    # scan (dynamic_update_slice). XLA updates that buffer in place only if every read of
+    # the old layer provably happens first; otherwise it copies the whole stack, twice, at
+    # every layer. Make the update depend on the attention output through a zero XLA
+    # cannot fold (no float is < -inf, NaN included), which orders all reads before it.
+    after_reads = (out.reshape(-1)[0] < -jnp.inf).astype(lengths.dtype)
+    return out, update_layer(layer, lengths + after_reads, k, v, q, counts, config)

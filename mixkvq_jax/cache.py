@@ -335,32 +335,39 @@ def update_layer(
     new_window_keys = jax.vmap(window_at)(key_buf, n_flush * r)
     new_window_values = jax.vmap(window_at)(value_buf, n_flush * r)
 
-    def flush(block_arrays: dict[str, Any]) -> dict[str, Any]:
-        def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
-            return buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
+    def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
+        return buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
 
-        # Chunk index of the token completing block j (clamped for incomplete blocks).
-        j = jnp.arange(n_flush_max)[None, :]
+    # Chunk index of the token completing block j (clamped for incomplete blocks).
+    j = jnp.arange(n_flush_max)[None, :]
+
+    def quantize_new() -> dict[str, Any]:
         last = jnp.clip((j + 1) * r - window_len[:, None] - 1, 0, c - 1)  # [B, F]
         sums = layer.query_abs_sum[:, None] + jnp.take_along_axis(
             abs_q_cumsum, last[:, :, None, None], axis=1
         )  # [B, F, H, D]
         n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
         mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
-        new = quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config)
-        # Block j of sequence s goes to slot lengths // r + j; blocks j >= n_flush[s]
-        # are not complete and get an out-of-range slot, which the scatter drops.
-        nb = block_arrays["key_full"].shape[2]
-        slots = jnp.where(j < n_flush[:, None], (lengths // r)[:, None] + j, nb)
-        batch_idx = jnp.arange(b)[:, None]
+        return quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config)
 
-        def write(old: jax.Array, upd: jax.Array) -> jax.Array:
-            upd = jnp.swapaxes(upd, 1, 2)  # [B, F, H, ...] to match old[b_idx, :, slot]
-            return old.at[batch_idx, :, slots].set(upd.astype(old.dtype), mode="drop")
+    def no_blocks() -> dict[str, Any]:
+        shapes = jax.eval_shape(quantize_new)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        return jax.tree.map(write, block_arrays, new)
+    # Only the new blocks go through the cond (its operands and results are copied);
+    # the cache's block arrays are updated in place by the scatter below, every step.
+    new = jax.lax.cond(jnp.any(n_flush > 0), quantize_new, no_blocks)
+    # Block j of sequence s goes to slot lengths // r + j; blocks j >= n_flush[s]
+    # are not complete and get an out-of-range slot, which the scatter drops.
+    nb = layer.key_full.shape[2]
+    slots = jnp.where(j < n_flush[:, None], (lengths // r)[:, None] + j, nb)
+    batch_idx = jnp.arange(b)[:, None]
 
-    blocks = jax.lax.cond(jnp.any(n_flush > 0), flush, lambda x: x, _block_arrays(layer))
+    def write(old: jax.Array, upd: jax.Array) -> jax.Array:
+        upd = jnp.swapaxes(upd, 1, 2)  # [B, F, H, ...] to match old[b_idx, :, slot]
+        return old.at[batch_idx, :, slots].set(upd.astype(old.dtype), mode="drop")
+
+    blocks = jax.tree.map(write, _block_arrays(layer), new)
     return layer.replace(
         **blocks,
         residual_keys=new_window_keys,
