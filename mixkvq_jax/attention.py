@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mixkvq_jax import cache as kv_cache
 from mixkvq_jax import quant
 from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, update_layer
 from mixkvq_jax.config import KVQuantConfig
@@ -264,6 +265,36 @@ def _auto_step(layer: LayerKVCache, config: KVQuantConfig, rows: int) -> int:
     return max(1, STEP_BYTES // per_block)
 
 
+def _kv_pareto_fold(carry: _Carry, qm: jax.Array, sl: dict[str, Any], layer: LayerKVCache,
+                    valid_blocks: jax.Array, config: KVQuantConfig) -> _Carry:
+    """`history_attention_xla`'s step for KV Pareto granularities / K-smoothing.
+
+    qm [B, H, M, D] scaled query rows; ``sl`` the block fields of S slots; valid_blocks
+    [B, S]. Per_block parts use the scale-folded `block_scores` / `block_values`; other
+    granularities dequantize the step's blocks to float32 (`cache.dequantize_block_*`)
+    and use plain dots. Under K-smoothing the blocks hold ``k - mean``, so ``q . mean``
+    is added to every block score of the row: exactly the score of the stored key.
+    """
+    b, h, m, d = qm.shape
+    s, r = sl["key_full"].shape[2], config.residual_length
+    arrays = {**sl, **kv_cache.fixed_arrays(layer)}
+    if config.effective_key_granularity == "per_block":
+        scores = block_scores(qm, sl, config)  # [B, H, M, S, R]
+    else:
+        keys = kv_cache.dequantize_block_keys(arrays, config, smoothed=True)  # [B,H,S,R,D]
+        scores = _dot("bhmd,bhsrd->bhmsr", qm, keys)
+    scores = scores.reshape(b, h, m, s * r)
+    if config.smooths_keys:
+        scores = scores + _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))[..., None]
+    if config.effective_value_granularity == "per_block":
+        values_fn = lambda p: block_values(p.reshape(b, h, m, s, r), sl, config)
+    else:
+        values = kv_cache.dequantize_block_values(arrays, config)  # [B, H, S, R, D]
+        values_fn = lambda p: _dot("bhmsr,bhsrd->bhmd", p.reshape(b, h, m, s, r), values)
+    valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
+    return _online_update(carry, scores, valid, values_fn)
+
+
 def history_attention_xla(
     q: jax.Array,
     layer: LayerKVCache,
@@ -294,6 +325,8 @@ def history_attention_xla(
     blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
 
     def fold(carry: _Carry, sl: dict[str, Any], valid_blocks: jax.Array) -> _Carry:
+        if config.uses_kv_pareto_options:  # granularities / K-smoothing
+            return _kv_pareto_fold(carry, qm, sl, layer, valid_blocks, config)
         scores = block_scores(qm, sl, config).reshape(b, kv_heads, m, step * r)
         valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
         return _online_update(
