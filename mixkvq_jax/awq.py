@@ -40,11 +40,18 @@ import numpy as np
 from mixkvq_jax import quant
 
 __all__ = [
+    "DEFAULT_INCLUDE",
     "Int4Weight",
     "apply_to_tree",
     "awq_search_scale",
+    "calibrate_awq",
+    "calibrate_rtn",
+    "check_group_size",
+    "collect_activations",
+    "int4_layout",
     "quantize_awq",
     "quantize_rtn",
+    "rebuild_int4",
 ]
 
 _MIN_SCALE = 1e-4  # clamp of mean|x|^alpha, as in the AWQ reference (auto_scale.py)
@@ -333,3 +340,199 @@ def apply_to_tree(
     return jax.tree_util.tree_map_with_path(
         visit, params, is_leaf=lambda x: isinstance(x, Int4Weight)
     )
+
+
+# ---- AWQ on a model's real activations ------------------------------------------------------
+# Every linear layer of the decoder stack; embeddings and the LM head stay in full precision.
+DEFAULT_INCLUDE = r"^layers/(attn|mlp)/[^/]+/kernel$"
+
+
+class _Recorder:
+    """Stands in for a kernel inside one traced layer: records its input, then multiplies.
+
+    `models.layers.dense` calls ``kernel.matmul(x)`` on any kernel with that method, so
+    the layer's own code runs unchanged and the recorded inputs are exactly what each
+    projection sees (after the norms, the attention, the SwiGLU gate).
+    """
+
+    def __init__(self, kernel: jax.Array, name: str, sink: dict[str, jax.Array]) -> None:
+        self.kernel, self.name, self.sink = kernel, name, sink
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        self.sink[self.name] = x.reshape(-1, x.shape[-1])
+        return jnp.matmul(x, self.kernel.astype(x.dtype))
+
+
+def _linear_modules(layer: Any) -> list[tuple[str, Any]]:
+    from flax import nnx
+
+    from mixkvq_jax.models.layers import Linear
+
+    return [("/".join(map(str, path)), m) for path, m in nnx.iter_graph(layer)
+            if isinstance(m, Linear)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "scale"))
+def _layer_inputs(graphdef: Any, layer_state: Any, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                  lengths: jax.Array, *, scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One decoder layer on h [B, T, E] (cache-free causal attention): (output [B, T, E],
+    {"attn/q_proj": inputs [B*T, in], ...}) with the inputs of every linear layer."""
+    from flax import nnx
+
+    from mixkvq_jax.models.layers import causal_attention
+
+    layer = nnx.merge(graphdef, layer_state)
+    sink: dict[str, jax.Array] = {}
+    for name, module in _linear_modules(layer):
+        module.kernel.set_value(_Recorder(module.kernel.get_value(), name, sink))
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        return causal_attention(q, k, v, scale=scale, lengths=lengths), None
+
+    out, _ = layer(h, (cos, sin), attend, None)
+    return out, sink
+
+
+def collect_activations(params: Any, model_config: Any, tokens: Any,
+                        lengths: Any = None) -> dict[str, jax.Array]:
+    """Inputs of every decoder linear layer when the model reads ``tokens``.
+
+    Args:
+      params: the model's params tree (float kernels; see `mixkvq_jax.models`).
+      model_config: its `ModelConfig`.
+      tokens: int [T] or [B, T] calibration token ids.
+      lengths: optional int [B] valid tokens per row (right padding is dropped).
+
+    Returns:
+      ``{"layers/attn/q_proj/kernel": [L, n, in], ...}`` (n = valid tokens) in the
+      activation dtype: the ``activations`` argument of `apply_to_tree`. The layers run
+      one at a time (one compiled layer, called L times), so only one layer's
+      activations are live besides the collected ones.
+    """
+    import math
+
+    from flax import nnx
+
+    from mixkvq_jax.models import module_from_params
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    b, t = tokens.shape
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    model = module_from_params(params, model_config)
+    h = model.embed(tokens)
+    cos, sin = model.rope(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+    graphdef, state = nnx.split(model.layers)
+    keep = np.asarray((np.arange(t)[None, :] < np.asarray(lengths)[:, None]).reshape(-1))
+    per_layer: dict[str, list[jax.Array]] = {}
+    for i in range(model_config.num_layers):
+        layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+        h, sink = _layer_inputs(graphdef, layer_state, h, cos, sin, lengths,
+                                scale=1.0 / math.sqrt(model_config.head_dim))
+        for name, x in sink.items():
+            per_layer.setdefault(f"layers/{name}/kernel", []).append(x[keep])
+    return {name: jnp.stack(xs) for name, xs in per_layer.items()}
+
+
+def check_group_size(params: Any, group_size: int, *, include: str | None = DEFAULT_INCLUDE,
+                     exclude: str | None = None) -> list[str]:
+    """Paths of the kernels `calibrate_awq` would quantize; ValueError (naming a kernel and
+    the group sizes that would work) when one's in_features is not a multiple of
+    ``group_size``. Cheap: reads shapes only, so callers can check before long work."""
+    inc = re.compile(include) if include is not None else None
+    exc = re.compile(exclude) if exclude is not None else None
+    matched: list[tuple[str, int]] = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = _path_str(path)
+        if getattr(leaf, "ndim", 0) not in (2, 3):
+            continue
+        if (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
+            continue
+        matched.append((name, int(leaf.shape[-2])))
+    if not matched:
+        raise ValueError(f"no kernel matches include={include!r} / exclude={exclude!r}")
+    for name, in_features in matched:
+        if group_size <= 0 or in_features % group_size:
+            ok = [g for g in (256, 128, 64, 32, 16, 8)
+                  if all(n % g == 0 for _, n in matched)]
+            hint = f" (e.g. {ok[0]})" if ok else ""
+            raise ValueError(
+                f"AWQ group_size={group_size} does not divide in_features={in_features} of "
+                f"{name}; use a group size dividing every quantized kernel's input "
+                f"features{hint}"
+            )
+    return [name for name, _ in matched]
+
+
+def calibrate_awq(params: Any, model_config: Any, tokens: Any, *, group_size: int = 128,
+                  grid: int = 20, bits: int = 4, include: str | None = DEFAULT_INCLUDE,
+                  exclude: str | None = None, param_dtype: jnp.dtype | None = None,
+                  lengths: Any = None) -> Any:
+    """AWQ w4a16 of a model on its own calibration activations.
+
+    Runs the model over ``tokens`` (int [T] or [B, T]), records the input of every
+    linear layer (`collect_activations`) and replaces each kernel whose path matches
+    ``include`` (default: every attention / MLP projection, not the embeddings or the LM
+    head) and not ``exclude`` by `quantize_awq` of it on those inputs: an `Int4Weight`
+    with a leading [L] axis, which the models' `dense` multiplies with in the jitted
+    forward (dequantized on the fly). Other leaves are returned unchanged.
+
+    ``param_dtype`` is the storage dtype of scales / zeros / input scales (default: each
+    kernel's dtype). Activations come from the un-quantized model (as the AWQ reference,
+    which searches every layer's scales on full-precision inputs).
+    """
+    check_group_size(params, group_size, include=include, exclude=exclude)
+    acts = collect_activations(params, model_config, tokens, lengths)
+    return apply_to_tree(
+        params,
+        lambda path, k, a: quantize_awq(k, a, group_size=group_size, bits=bits, grid=grid,
+                                        param_dtype=param_dtype),
+        include=include, exclude=exclude, activations=acts,
+    )
+
+
+def calibrate_rtn(params: Any, *, group_size: int = 128, bits: int = 4,
+                  include: str | None = DEFAULT_INCLUDE, exclude: str | None = None,
+                  param_dtype: jnp.dtype | None = None) -> Any:
+    """Round-to-nearest int4 of the same kernels `calibrate_awq` would quantize (baseline)."""
+    check_group_size(params, group_size, include=include, exclude=exclude)
+    return apply_to_tree(
+        params, lambda path, k: quantize_rtn(k, group_size, bits, param_dtype=param_dtype),
+        include=include, exclude=exclude,
+    )
+
+
+def int4_layout(params: Any) -> dict[str, dict[str, int]]:
+    """``{path: {"in_features", "group_size", "bits"}}`` of every `Int4Weight` in params
+    (the static fields a checkpoint must keep to rebuild them)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            params, is_leaf=lambda x: isinstance(x, Int4Weight)):
+        if isinstance(leaf, Int4Weight):
+            out[_path_str(path)] = {"in_features": leaf.in_features,
+                                    "group_size": leaf.group_size, "bits": leaf.bits}
+    return out
+
+
+def rebuild_int4(params: Any, layout: Mapping[str, Mapping[str, int]]) -> Any:
+    """Inverse of saving: turn the ``{"packed", "scales", "zeros", "input_scale"}`` dicts
+    at the paths of ``layout`` (`int4_layout`) back into `Int4Weight` s."""
+    params = dict(params)
+    for name, static in layout.items():
+        keys = name.split("/")
+        node = params
+        parents = []
+        for key in keys[:-1]:
+            parents.append((node, key))
+            node[key] = dict(node[key])
+            node = node[key]
+        raw = node[keys[-1]]
+        if isinstance(raw, Int4Weight):
+            continue
+        node[keys[-1]] = Int4Weight(packed=raw["packed"], scales=raw["scales"],
+                                    zeros=raw["zeros"], input_scale=raw["input_scale"],
+                                    in_features=int(static["in_features"]),
+                                    group_size=int(static["group_size"]),
+                                    bits=int(static["bits"]))
+    return params

@@ -458,12 +458,17 @@ def save_params(out_dir: str | Path, params: Params, model_config: ModelConfig, 
             raise CheckpointError(f"{out_dir} exists and is not empty; pass overwrite=True")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from mixkvq_jax.awq import int4_layout
+
     dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)
                      if jnp.issubdtype(x.dtype, jnp.floating)})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / "params", params)
     meta = {"format": ORBAX_FORMAT, "version": 1, "model_config": model_config.to_dict(),
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+    layout = int4_layout(params)
+    if layout:  # AWQ int4 kernels: their static fields, so restore rebuilds Int4Weight
+        meta["int4_weights"] = layout
     (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(out_dir)
@@ -476,8 +481,11 @@ def restore_params(ckpt_dir: str | Path, dtype: Any = None, *, target: Any = Non
     given (floating leaves only).
 
     Without ``target`` the saved tree comes back as nested dicts of arrays, which is the
-    params layout. Params holding other pytree nodes (e.g. AWQ ``Int4Weight`` kernels)
-    need ``target``: the same tree with `jax.ShapeDtypeStruct` leaves (`jax.eval_shape`).
+    params layout; AWQ ``Int4Weight`` kernels are rebuilt from the layout `save_params`
+    records (``int4_weights`` in ``mixkvq_checkpoint.json``), so quantized params load
+    back ready for `forward`. ``target`` (the same tree with `jax.ShapeDtypeStruct`
+    leaves, e.g. from `jax.eval_shape`) restores into that structure instead. ``dtype``
+    casts floating leaves only (int4 codes stay uint32; their scales take ``dtype``).
     """
     import orbax.checkpoint as ocp
 
@@ -491,6 +499,10 @@ def restore_params(ckpt_dir: str | Path, dtype: Any = None, *, target: Any = Non
             params = ckptr.restore(ckpt_dir / "params")
         else:
             params = ckptr.restore(ckpt_dir / "params", target)
+    if meta.get("int4_weights"):
+        from mixkvq_jax.awq import rebuild_int4
+
+        params = rebuild_int4(params, meta["int4_weights"])
     if dtype is not None:
         dtype = resolve_dtype(dtype)
         params = jax.tree.map(

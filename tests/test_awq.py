@@ -177,3 +177,138 @@ def test_in_features_not_multiple_of_group_size_raises() -> None:
         awq.quantize_awq(kernel, jnp.ones((8, 200)), group_size=128)
     with pytest.raises(ValueError, match="in_features=512"):
         awq.quantize_awq(_kernel(), jnp.ones((8, 100)), group_size=G)
+
+
+# ---- AWQ on a model's own activations -------------------------------------------------------
+OUTLIER_CHANNELS = [3, 100, 200]
+
+
+@pytest.fixture(scope="module")
+def outlier_model(demo_model):
+    """The demo model (hidden 256, 2 layers) with a few RMSNorm channels 20x larger, so the
+    q/k/v and gate/up inputs carry outlier channels as in real LLMs; calibration and
+    held-out token ids."""
+    from mixkvq_jax.models import init_params
+
+    config, _, _ = demo_model
+    params = init_params(config, seed=1, init_std=0.05)
+    for norm in ("attn_norm", "mlp_norm"):
+        scale = params["layers"][norm]["scale"]
+        params["layers"][norm]["scale"] = scale.at[:, OUTLIER_CHANNELS].multiply(20.0)
+    rng = np.random.default_rng(0)
+    calib = rng.integers(2, config.vocab_size, (2, 64))
+    held_out = rng.integers(2, config.vocab_size, (2, 64))
+    return config, params, calib, held_out
+
+
+def test_collect_activations_are_each_layers_inputs(outlier_model) -> None:
+    from mixkvq_jax.models import rms_norm
+
+    config, params, calib, _ = outlier_model
+    acts = awq.collect_activations(params, config, calib)
+    names = {f"layers/{m}/kernel" for m in ("attn/q_proj", "attn/k_proj", "attn/v_proj",
+                                            "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                                            "mlp/down_proj")}
+    assert set(acts) == names
+    n = calib.size
+    assert acts["layers/attn/q_proj/kernel"].shape == (config.num_layers, n, config.hidden_size)
+    assert acts["layers/mlp/down_proj/kernel"].shape == (config.num_layers, n,
+                                                         config.intermediate_size)
+    # Layer 0's attention input is the normed embedding; q, k and v read the same input.
+    emb = params["embed"]["embedding"][jnp.asarray(calib).reshape(-1)]
+    want = rms_norm(emb, params["layers"]["attn_norm"]["scale"][0], config.rms_norm_eps)
+    np.testing.assert_allclose(np.asarray(acts["layers/attn/q_proj/kernel"][0]),
+                               np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(acts["layers/attn/k_proj/kernel"]),
+                                  np.asarray(acts["layers/attn/v_proj/kernel"]))
+    # Right padding is dropped with lengths.
+    short = awq.collect_activations(params, config, calib, lengths=[64, 10])
+    assert short["layers/mlp/up_proj/kernel"].shape[1] == 74
+
+
+@pytest.fixture(scope="module")
+def quantized_models(outlier_model):
+    config, params, calib, _ = outlier_model
+    q_awq = awq.calibrate_awq(params, config, calib, group_size=G, grid=10)
+    q_rtn = awq.calibrate_rtn(params, group_size=G)
+    return q_awq, q_rtn
+
+
+def test_calibrate_awq_beats_rtn_on_the_model(outlier_model, quantized_models) -> None:
+    from mixkvq_jax.models import forward_full
+
+    config, params, calib, held_out = outlier_model
+    q_awq, q_rtn = quantized_models
+    # Embeddings (the tied head) and norms are not quantized; every decoder linear is.
+    assert q_awq["embed"]["embedding"] is params["embed"]["embedding"]
+    kernels = {k: v for k, v in q_awq["layers"]["attn"].items()} | dict(q_awq["layers"]["mlp"])
+    assert all(isinstance(m["kernel"], awq.Int4Weight) for m in kernels.values())
+
+    # Per layer, on the calibration activations: AWQ <= RTN (alpha = 0 is RTN), and
+    # strictly lower where the inputs have outlier channels.
+    acts = awq.collect_activations(params, config, calib)
+    for name, x in acts.items():
+        module, proj = name.split("/")[1:3]
+        w_awq = q_awq["layers"][module][proj]["kernel"]
+        w_rtn = q_rtn["layers"][module][proj]["kernel"]
+        k = params["layers"][module][proj]["kernel"]
+        for layer in range(config.num_layers):
+            one = lambda w, i=layer: jax.tree.map(lambda a: a[i], w)  # noqa: E731
+            e_awq = _out_mse(k[layer], one(w_awq), x[layer])
+            e_rtn = _out_mse(k[layer], one(w_rtn), x[layer])
+            assert e_awq <= e_rtn * (1 + 1e-5), (name, layer, e_awq, e_rtn)
+            if proj == "q_proj":
+                assert e_awq < 0.7 * e_rtn, (name, layer, e_awq, e_rtn)
+
+    # The whole model (jitted forward, int4 dequantized on the fly) on held-out tokens.
+    run = jax.jit(forward_full, static_argnames="config")
+    ref = run(params, jnp.asarray(held_out), config=config)
+    err = {k: float(jnp.mean((run(q, jnp.asarray(held_out), config=config) - ref) ** 2))
+           for k, q in (("awq", q_awq), ("rtn", q_rtn))}
+    assert err["awq"] < 0.8 * err["rtn"], err
+
+
+def test_model_int4_bytes_are_four_bits_plus_group_overhead(quantized_models) -> None:
+    from mixkvq_jax.memory import tree_bytes
+
+    q_awq, _ = quantized_models
+    for module in ("attn", "mlp"):
+        for proj, leaf in q_awq["layers"][module].items():
+            w = leaf["kernel"]
+            n_layers, words, out = w.packed.shape
+            n = n_layers * w.in_features * out
+            # f32 scales / zeros / input scale here (the model's dtype): 32 bits each.
+            assert 8 * tree_bytes(w) / n == 4 + 2 * 32 / G + 32 / out, proj
+
+
+def test_int4_params_save_and_restore(outlier_model, quantized_models, tmp_path) -> None:
+    from mixkvq_jax.checkpoint import load_checkpoint, restore_params, save_params
+    from mixkvq_jax.models import cast_params, forward_full
+
+    config, _, _, held_out = outlier_model
+    q = cast_params(quantized_models[0], jnp.bfloat16)
+    save_params(tmp_path / "awq", q, config)
+    _, restored = restore_params(tmp_path / "awq")  # no target: rebuilt from the layout
+    w, r = q["layers"]["mlp"]["down_proj"]["kernel"], restored["layers"]["mlp"]["down_proj"][
+        "kernel"]
+    assert isinstance(r, awq.Int4Weight)
+    assert (r.in_features, r.group_size, r.bits) == (w.in_features, w.group_size, w.bits)
+    assert jax.tree.structure(restored) == jax.tree.structure(q)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(restored), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens = jnp.asarray(held_out)
+    np.testing.assert_array_equal(np.asarray(forward_full(q, tokens, config=config)),
+                                  np.asarray(forward_full(restored, tokens, config=config)))
+    _, loaded, _ = load_checkpoint(tmp_path / "awq", "bfloat16")
+    assert isinstance(loaded["layers"]["attn"]["q_proj"]["kernel"], awq.Int4Weight)
+
+
+def test_check_group_size_names_the_kernel(outlier_model) -> None:
+    _, params, _, _ = outlier_model
+    assert "layers/mlp/down_proj/kernel" in awq.check_group_size(params, 128)
+    with pytest.raises(ValueError, match=r"group_size=96 does not divide in_features=256 of "
+                                         r"layers/attn/\w+/kernel.*\(e\.g\. 256\)"):
+        awq.check_group_size(params, 96)
+    with pytest.raises(ValueError, match="no kernel matches"):
+        awq.check_group_size(params, 128, include="nothing")

@@ -1,4 +1,5 @@
-"""colab/quickstart.ipynb runs top to bottom on CPU with the tiny demo checkpoint.
+"""colab/quickstart.ipynb and colab/kv_pareto.ipynb run top to bottom on CPU with the tiny
+demo checkpoint.
 
 The notebook is executed with nbclient in a kernel started from *this* interpreter (a
 kernelspec written to a temp dir, so no ``ipykernel install`` is needed and no other
@@ -21,6 +22,11 @@ pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "colab" / "quickstart.ipynb"
+PARETO_NOTEBOOK = ROOT / "colab" / "kv_pareto.ipynb"
+PARAMETERS = {
+    NOTEBOOK: ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "PROMPT", "MAX_NEW_TOKENS"),
+    PARETO_NOTEBOOK: ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "SWEEP", "TEXT", "OUT_DIR"),
+}
 
 
 def _kernel_manager(tmp_path: Path):
@@ -55,13 +61,14 @@ def _text(cell) -> str:
     return "".join(parts)
 
 
-def test_notebook_is_stripped():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", list(PARAMETERS), ids=lambda p: p.name)
+def test_notebook_is_stripped(path):
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    for name in ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "PROMPT", "MAX_NEW_TOKENS"):
+    for name in PARAMETERS[path]:
         assert f"{name} = " in params[0].source
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -88,3 +95,37 @@ def test_quickstart_notebook_runs_on_cpu(demo_checkpoint, tmp_path):
     assert len(images) == 1, "the KV-memory plot was not drawn"
     errors = [o for c in code_cells for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_kv_pareto_notebook_runs_on_cpu(demo_checkpoint, tmp_path):
+    """The tiny sweep (configs/sweeps/tiny.yaml, as tests/test_pareto.py runs it, so the
+    compiled programs come from the session's compilation cache)."""
+    from mixkvq_jax.demo_checkpoint import TRAINING_TEXT
+
+    text = tmp_path / "text.txt"
+    text.write_text(TRAINING_TEXT * 12)
+    out = tmp_path / "out"
+    nb = nbformat.read(PARETO_NOTEBOOK, as_version=4)
+    _inject(nb, {"INSTALL": False, "LOCAL_CKPT": str(demo_checkpoint), "SWEEP": "tiny",
+                 "TEXT": str(text), "OUT_DIR": str(out)})
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path), timeout=600,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    text_out = "\n".join(_text(c) for c in code_cells)
+    assert f"kernel python: {sys.executable}" in text_out
+    assert "backend cpu" in text_out and "continuing on CPU" in text_out
+    assert "4 points:" in text_out and "awq-w4|k2v2|per_token|ksmooth|c64" in text_out
+    assert "4 point(s) evaluated, 0 already" in text_out
+    assert "points are Pareto-optimal (kl vs total memory)" in text_out
+    assert "% apart)" in text_out
+    images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the frontier plot was not shown"
+    tables = [o for c in code_cells for o in c.outputs if "text/markdown" in o.get("data", {})]
+    assert len(tables) == 1 and "| weights | kv |" in tables[0]["data"]["text/markdown"]
+    errors = [o for c in code_cells for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
+    assert (out / "pareto.csv").is_file() and (out / "pareto.png").is_file()
