@@ -8,8 +8,10 @@ For each preset x context x batch, in one run:
   one jitted, cache-donating decode step (model forward + greedy pick), and its ratio to
   the *fastest* full-precision cache (fp32 or bf16) at the same context and batch;
 * compile time of that decode step, reported apart;
-* KV-cache bytes (of the actual pytree) and the ratio to what a bf16 cache holds, and
-  bytes per token (all layers, scales, zero points and channel permutations included);
+* KV-cache bytes (of the actual pytree) and the ratio to what a bf16 cache of the same
+  capacity holds, and the bytes each further token adds (all layers; scales, zero points
+  and channel permutations included; measured as the growth of the cache pytree, so the
+  fixed full-precision residual window is left out) and its ratio to bf16;
 * the largest batch x context that fits ``--budget-gb`` with the measured weights and
   bytes per token, and its ratio to bf16;
 * peak resident memory of the process serving that preset (each preset runs in its own
@@ -55,6 +57,7 @@ LAYER_COUNTS = (2, 30)
 COLUMNS = (
     "preset", "context", "batch", "prefill_s", "decode_ms", "tokens_per_s", "ratio_vs_fastest_fp",
     "fastest_fp", "compile_s", "kv_bytes", "kv_ratio_vs_bf16", "kv_bytes_per_token",
+    "kv_per_token_vs_bf16",
     "budget_max_tokens", "budget_ratio_vs_bf16", "peak_rss_mb", "impl", "model", "device",
 )
 
@@ -145,6 +148,32 @@ def _tile_batch(cache: Any, batch: int) -> Any:
     layers = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1), cache.layers)
     return dataclasses.replace(cache, layers=layers, lengths=jnp.repeat(cache.lengths, batch),
                                overflow=jnp.repeat(cache.overflow, batch))
+
+
+def bytes_per_token(kv: Any, config: Any, batch: int, capacity: int) -> tuple[float, float]:
+    """(bytes per cached token over all layers, fixed bytes per sequence), both from
+    cache pytrees: the growth of `init_cache`'s arrays over 16 more blocks, and what is
+    left at ``capacity`` (the full-precision residual window, fixed statistics, block
+    rounding)."""
+    import jax
+
+    from mixkvq_jax import cache as kvc
+    from mixkvq_jax.memory import tree_bytes
+
+    def size(n: int) -> int:
+        return tree_bytes(jax.eval_shape(lambda: kvc.init_cache(
+            kv, num_layers=config.num_layers, batch=1, num_kv_heads=config.num_kv_heads,
+            max_len=n)))
+
+    extra = 16 * kv.residual_length
+    per_token = (size(capacity + extra) - size(capacity)) / extra
+    return per_token, size(capacity) - per_token * capacity
+
+
+def max_tokens(budget: float, per_token: float, fixed: float) -> int:
+    """Largest batch x context that fits ``budget`` bytes (one sequence's fixed bytes
+    counted once per sequence of the full context; batch 1 bound)."""
+    return max(0, int((budget - fixed) // per_token))
 
 
 def _steps() -> dict[str, Any]:
@@ -242,8 +271,8 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
             kv_bytes = kvc.memory_bytes(cache)
             bf16_bytes = bf16.cache_bytes(num_layers=config.num_layers, batch=batch,
                                           num_kv_heads=config.num_kv_heads, max_len=capacity)
-            per_token = kv_bytes / (batch * capacity)
-            bf16_per_token = bf16_bytes / (batch * capacity)
+            per_token, fixed = bytes_per_token(kv, config, batch, capacity)
+            bf16_per_token, bf16_fixed = bytes_per_token(bf16, config, batch, capacity)
             decode_s = statistics.median(times)
             rows.append({
                 "preset": preset, "context": context, "batch": batch,
@@ -251,8 +280,10 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
                 "decode_ms": 1e3 * decode_s, "tokens_per_s": batch / decode_s,
                 "compile_s": compile_s, "kv_bytes": kv_bytes,
                 "kv_ratio_vs_bf16": kv_bytes / bf16_bytes, "kv_bytes_per_token": per_token,
-                "budget_max_tokens": max(0, int((budget - weights_bytes) // per_token)),
-                "budget_ratio_vs_bf16": bf16_per_token / per_token,
+                "kv_per_token_vs_bf16": per_token / bf16_per_token,
+                "budget_max_tokens": max_tokens(budget - weights_bytes, per_token, fixed),
+                "budget_ratio_vs_bf16": max_tokens(budget - weights_bytes, per_token, fixed)
+                / max(1, max_tokens(budget - weights_bytes, bf16_per_token, bf16_fixed)),
                 "peak_rss_mb": _peak_rss_mb(), "impl": args.impl, "model": model_name,
                 "device": jax.devices()[0].device_kind,
             })
@@ -315,7 +346,8 @@ def _fmt(value: Any, spec: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table (stdout and the README)."""
     head = ("| preset | context | batch | prefill s | decode ms | tok/s | vs fastest fp "
-            "| KV MiB | KV vs bf16 | B/token | max tokens in budget | vs bf16 | peak RSS MiB |")
+            "| KV MiB | KV vs bf16 | B/token | B/token vs bf16 | max tokens in budget | vs bf16 "
+            "| peak RSS MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -323,6 +355,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["decode_ms"], ".1f"), _fmt(r["tokens_per_s"], ".1f"),
             _fmt(r["ratio_vs_fastest_fp"], ".2f") + "x", f"{r['kv_bytes'] / 2**20:.1f}",
             f"{100 * r['kv_ratio_vs_bf16']:.1f}%", f"{r['kv_bytes_per_token']:.0f}",
+            f"{100 * r['kv_per_token_vs_bf16']:.1f}%",
             f"{r['budget_max_tokens']:,}", f"{r['budget_ratio_vs_bf16']:.2f}x",
             f"{r['peak_rss_mb']:.0f}",
         ]) + " |")
@@ -353,13 +386,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
                          if r["preset"] == preset and r["batch"] == batch)
             ax_speed.plot(*zip(*pts, strict=True), style, label=f"{preset} b{batch}")
-        pts = sorted((r["context"], r["kv_bytes_per_token"]) for r in rows
+        pts = sorted((r["context"], r["kv_bytes"] / 2**20) for r in rows
                      if r["preset"] == preset and r["batch"] == batches[0])
         ax_bytes.plot(*zip(*pts, strict=True), "-o", label=preset)
     ax_speed.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s",
                  title="decode speed")
     ax_bytes.set(xscale="log", yscale="log", xlabel="context (tokens)",
-                 ylabel="KV bytes per token (all layers)", title="KV-cache bytes")
+                 ylabel=f"KV-cache MiB (batch {batches[0]})", title="KV-cache size")
     ax_speed.legend(fontsize=7, ncol=2)
     ax_bytes.legend(fontsize=7)
     fig.tight_layout()

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixkvq_jax import quant
-from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, update_layer
+from mixkvq_jax import cache as kv_cache
+from mixkvq_jax.cache import BLOCK_FIELDS, SMALL_FIELDS, LayerKVCache, update_layer
 from mixkvq_jax.config import KVQuantConfig
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -117,26 +117,14 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HIGHEST)
 
 
-def dequantize_tile(blocks: dict[str, Any], config: KVQuantConfig
+def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuantConfig
                     ) -> tuple[jax.Array, jax.Array]:
     """Blocks ([B, H, S, ...] `LayerKVCache` block fields) -> float32 keys [B, H, S, D, R]
-    in *stored* channel order (full tier, then each quantized tier: MixKVQ's per-block
-    salience order) and values [B, H, S, R, D]."""
-    r = config.residual_length
-    parts = [_f32(blocks["key_full"])] if config.key_channels_full else []
-    for (bits, _), codes, scales, zeros in zip(
-        config.key_tiers, blocks["key_codes"], blocks["key_scales"], blocks["key_zeros"],
-        strict=True,
-    ):
-        tier_codes = quant.unpack(codes, bits, length=r, axis=-1)  # [B, H, S, n, R]
-        parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
-    keys = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
-    if config.quantizes_values:
-        codes = quant.unpack(blocks["value_codes"], config.value_bits, length=config.head_dim)
-        values = quant.dequantize(codes, blocks["value_scales"], blocks["value_zeros"], axis=-1)
-    else:
-        values = _f32(blocks["value_codes"])
-    return keys, values
+    in *stored* channel order (MixKVQ: each block's salience order; under K-smoothing,
+    keys minus their mean) and values [B, H, S, R, D]."""
+    arrays = {**blocks, **kv_cache.fixed_arrays(layer)}
+    keys = kv_cache.dequantize_block_keys(arrays, config, stored_order=True)
+    return keys, kv_cache.dequantize_block_values(arrays, config)
 
 
 def block_scores(q: jax.Array, keys: jax.Array, blocks: dict[str, Any],
@@ -159,41 +147,58 @@ def history_attention_xla(
     config: KVQuantConfig,
     *,
     scale: float,
-    blocks_per_step: int = BLOCKS_PER_STEP,
+    blocks_per_step: int | None = None,
+    index: jax.Array | None = None,
 ) -> Partial:
     """Attention of q [B, C, Hq, D] over each sequence's first ``lengths`` cached tokens.
 
     Walks the quantized blocks ``blocks_per_step`` at a time (stopping after the last
-    block any sequence uses), then the residual window, with an online softmax.
+    block any sequence uses; ``None``: `BLOCKS_PER_STEP`), then the residual window,
+    with an online softmax. With ``index``, ``layer`` is the stacked cache and each step
+    slices its blocks of layer ``index`` straight from the stack (a per-layer view would
+    be a copy of the whole layer, as the loop needs its operands in memory).
     """
+    blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
+    if index is not None:
+        layer = layer.replace(**{name: jax.lax.dynamic_index_in_dim(
+            getattr(layer, name), index, 0, keepdims=False) for name in SMALL_FIELDS})
+    else:
+        blocks = jax.tree.map(lambda x: x[None], blocks)  # a stack of one (no copy)
+        index = jnp.zeros((), jnp.int32)
     b, c, _, d = q.shape
     kv_heads, r = layer.residual_keys.shape[1], config.residual_length
     qg = _group_queries(q, kv_heads, scale)  # [B, H, Gq, C, D]
     gq = qg.shape[2]
     m = gq * c
     qm = qg.reshape(b, kv_heads, m, d)
-    n_slots = layer.key_full.shape[2]
-    step = max(1, min(blocks_per_step, n_slots))
+    n_slots = blocks["key_full"].shape[3]
+    step = max(1, min(blocks_per_step or BLOCKS_PER_STEP, n_slots))
     n_blocks = lengths // r  # [B]
-    blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
+    if config.smooths_keys:
+        key_mean_scores = _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))[..., None]
 
     def body(i: jax.Array, carry: _Carry) -> _Carry:
         # The last step may overlap the previous one; blocks already seen are masked.
         start = jnp.minimum(i * step, n_slots - step)
-        sl = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, step, axis=2),
-                          blocks)
+        sl = jax.tree.map(lambda x: jax.lax.dynamic_slice(
+            x, (index, 0, 0, start, *([0] * (x.ndim - 4))), (1, *x.shape[1:3], step,
+                                                             *x.shape[4:]))[0], blocks)
+        # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
+        # and hoists the convert of the whole (bf16 scales) stack out of the loop.
+        sl = jax.lax.optimization_barrier(sl)
         slot = start + jnp.arange(step)
         valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
         valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
-        keys, values = dequantize_tile(sl, config)
+        keys, values = dequantize_tile(sl, layer, config)
         scores = block_scores(qm, keys, sl, config).reshape(b, kv_heads, m, step * r)
+        if config.smooths_keys:  # the blocks hold k - mean: add q . mean back (exact)
+            scores = scores + key_mean_scores
         return _online_update(
             carry, scores, valid,
             lambda p: _dot("bhmsr,bhsrd->bhmd", p.reshape(b, kv_heads, m, step, r), values),
         )
 
-    shape = (b, kv_heads, m)
-    carry = _Carry(jnp.full(shape, _MASKED), jnp.zeros(shape), jnp.zeros((*shape, d)))
+    carry = _empty_carry(qm)
     n_steps = (jnp.max(n_blocks) + step - 1) // step
     carry = jax.lax.fori_loop(0, n_steps, body, carry)
 
@@ -252,6 +257,7 @@ def cached_attention(
     *,
     scale: float | None = None,
     impl: str = "auto",
+    index: jax.Array | None = None,
 ) -> Partial:
     """Attention of new queries over the cached tokens of one layer.
 
@@ -262,6 +268,8 @@ def cached_attention(
       config: the cache's `KVQuantConfig`.
       scale: softmax scale, default ``1 / sqrt(D)``.
       impl: ``auto`` | ``xla`` | ``pallas`` | ``pallas_interpret``.
+      index: if given, ``layer`` is the stacked cache ([layers, ...]) and this attends
+        over its layer ``index``.
 
     Returns:
       `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]).
@@ -280,15 +288,17 @@ def cached_attention(
         except ImportError as err:  # kernels not built for this install
             _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
         else:
-            reason = kernels.unsupported_reason(q, layer, config)
+            view = layer if index is None else jax.tree.map(
+                lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), layer)
+            reason = kernels.unsupported_reason(q, view, config)
             if reason is None:
                 return kernels.cached_attention_pallas(
-                    q, layer, lengths, config, scale=scale, interpret=impl == "pallas_interpret"
+                    q, view, lengths, config, scale=scale, interpret=impl == "pallas_interpret"
                 )
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
     return history_attention_xla(q, layer, lengths, config, scale=scale,
-                                 blocks_per_step=BLOCKS_PER_STEP)
+                                 blocks_per_step=BLOCKS_PER_STEP, index=index)
 
 
 def attend_and_update(
@@ -302,27 +312,31 @@ def attend_and_update(
     *,
     scale: float | None = None,
     impl: str = "auto",
+    index: jax.Array | None = None,
 ) -> tuple[jax.Array, LayerKVCache]:
     """One attention layer's work for a chunk of new tokens (prefill or decode).
 
     Args:
       q: [B, C, Hq, D] post-RoPE queries; k, v: [B, C, H, D] post-RoPE keys / values.
-      layer: this layer's cache; lengths: [B] tokens cached before the chunk.
+      layer: this layer's cache or, with ``index``, the stacked cache of all layers
+        (then layer ``index`` is read and updated in place: see `update_layer`).
+      lengths: [B] tokens cached before the chunk.
       counts: [B] valid chunk tokens per sequence (right padding beyond).
 
     Returns:
       ``(out, new_layer)``: out [B, C, Hq, D] in q's dtype, the attention of every
       chunk token over the cached history (quantized) and, causally, over the chunk
-      itself (full precision); ``new_layer`` with the valid chunk tokens appended.
+      itself (full precision); ``new_layer`` (the new stack, with ``index``) with the
+      valid chunk tokens appended.
     """
     scale = config.head_dim**-0.5 if scale is None else scale
-    history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl)
+    history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl, index=index)
     own = chunk_attention(q, k, v, counts, scale=scale)
     out = merge_partials(history, own).out.astype(q.dtype)
-    # The models write the new layer back into the stacked cache they carry through a
-    # scan (dynamic_update_slice). XLA updates that buffer in place only if every read of
-    # the old layer provably happens first; otherwise it copies the whole stack, twice, at
-    # every layer. Make the update depend on the attention output through a zero XLA
-    # cannot fold (no float is < -inf, NaN included), which orders all reads before it.
+    # The update scatters into the buffer the attention read. XLA does that in place only
+    # if every read provably happens first; otherwise it copies the buffer (for a stack:
+    # all layers) at every layer. Make the update depend on the attention output through
+    # a zero XLA cannot fold (no float is < -inf, NaN included): reads come first.
     after_reads = (out.reshape(-1)[0] < -jnp.inf).astype(lengths.dtype)
-    return out, update_layer(layer, lengths + after_reads, k, v, q, counts, config)
+    return out, update_layer(layer, lengths + after_reads, k, v, q, counts, config,
+                             index=index)

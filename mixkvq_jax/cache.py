@@ -17,6 +17,13 @@ tier (``config.key_tiers``, widest first), codes packed along tokens (planar lay
 Values are quantized per token over groups of ``value_group_size`` channels, packed
 along channels, or stored in ``full_dtype`` when ``value_bits == 16``.
 
+That is the default ``per_block`` granularity. The KV Pareto granularities keep the same
+packed codes and change only the scales/zeros: ``per_token`` stores one pair per token,
+``per_channel`` / ``per_tensor`` one pair per channel / per head for the whole sequence,
+taken from the first chunk written to the empty sequence and fixed afterwards (later
+tokens are clamped into that range). K-smoothing quantizes ``keys - mean`` with the
+per-channel mean of that first chunk; the residual window stays raw.
+
 Every layer array has a leading ``[layers]`` axis so models can `jax.lax.scan` over
 ``cache.layers``. All functions are pure and jit-compatible with static shapes: decode
 compiles once per (batch, max_len).
@@ -24,6 +31,7 @@ compiles once per (batch, max_len).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from mixkvq_jax import quant
-from mixkvq_jax.config import KVQuantConfig
+from mixkvq_jax.config import QUANT_BITS, KVQuantConfig
 from mixkvq_jax.salience import abs_query_per_kv_head, channel_permutation
 
 
@@ -59,9 +67,20 @@ class LayerKVCache:
       value_codes: [B, H, NB, R, D * bv / 32] uint32 packed along channels, or
         [B, H, NB, R, D] ``full_dtype`` when values are not quantized.
       value_scales, value_zeros: [B, H, NB, R, D / Gv] (``[..., 0]`` when unquantized).
+
+      With ``key_granularity="per_token"`` the key scales/zeros are [B, H, NB, 1, R];
+      with ``value_granularity="per_token"`` the value ones [B, H, NB, R, 1]; with
+      ``per_channel`` / ``per_tensor`` both are zero-size ([..., n_t, 0] / [..., R, 0])
+      and the pairs live in the fixed fields below.
       residual_keys, residual_values: [B, H, R, D] ``full_dtype``, the recent tokens.
       query_abs_sum: [B, H, D] float32, running sum of mean |q| per KV head (MixKVQ I_d).
       query_count: [B] int32, queries accumulated in ``query_abs_sum``.
+      key_fixed_scales, key_fixed_zeros: [B, H, P_k] ``scale_dtype``, the key pairs
+        fixed at each sequence's first chunk: P_k = D (per_channel), 1 (per_tensor)
+        or 0 (other granularities).
+      value_fixed_scales, value_fixed_zeros: [B, H, P_v], the same for values.
+      key_mean: [B, H, D] float32, the K-smoothing mean of the first chunk's keys
+        ([B, H, 0] without smoothing).
     """
 
     key_full: jax.Array
@@ -76,6 +95,11 @@ class LayerKVCache:
     residual_values: jax.Array
     query_abs_sum: jax.Array
     query_count: jax.Array
+    key_fixed_scales: jax.Array
+    key_fixed_zeros: jax.Array
+    value_fixed_scales: jax.Array
+    value_fixed_zeros: jax.Array
+    key_mean: jax.Array
 
 
 @struct.dataclass
@@ -114,6 +138,23 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def _key_param_shape(config: KVQuantConfig, count: int) -> tuple[int, int]:
+    """Per-block scale/zero shape of a key tier of ``count`` channels: [rows, cols]."""
+    r = config.residual_length
+    granularity = config.effective_key_granularity
+    if granularity == "per_block":
+        return count, r // config.key_group_size
+    return (1, r) if granularity == "per_token" else (count, 0)
+
+
+def _value_param_groups(config: KVQuantConfig) -> int:
+    """Per-token value scale/zero groups per block token (0: none stored per block)."""
+    if not config.quantizes_values:
+        return 0
+    return {"per_block": config.head_dim // config.value_group_size,
+            "per_token": 1}.get(config.effective_value_granularity, 0)
+
+
 def init_layer(
     config: KVQuantConfig, *, batch: int, num_kv_heads: int, max_len: int
 ) -> LayerKVCache:
@@ -121,20 +162,20 @@ def init_layer(
     b, h, r, d = batch, num_kv_heads, config.residual_length, config.head_dim
     nb = config.num_blocks(max_len)
     full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
-    n_key_groups = r // config.key_group_size
     key_codes = tuple(
         jnp.zeros((b, h, nb, n, quant.packed_length(r, bits)), jnp.uint32)
         for bits, n in config.key_tiers
     )
-    key_params = tuple(jnp.zeros((b, h, nb, n, n_key_groups), scale) for _, n in config.key_tiers)
+    key_params = tuple(
+        jnp.zeros((b, h, nb, *_key_param_shape(config, n)), scale) for _, n in config.key_tiers
+    )
     n_perm = d if config.stores_permutation else 0
     if config.quantizes_values:
         n_words = quant.packed_length(d, config.value_bits)
         value_codes = jnp.zeros((b, h, nb, r, n_words), jnp.uint32)
-        n_value_groups = d // config.value_group_size
     else:
         value_codes = jnp.zeros((b, h, nb, r, d), full)
-        n_value_groups = 0
+    n_value_groups = _value_param_groups(config)
     return LayerKVCache(
         key_full=jnp.zeros((b, h, nb, config.key_channels_full, r), full),
         key_codes=key_codes,
@@ -148,6 +189,11 @@ def init_layer(
         residual_values=jnp.zeros((b, h, r, d), full),
         query_abs_sum=jnp.zeros((b, h, d), jnp.float32),
         query_count=jnp.zeros((b,), jnp.int32),
+        key_fixed_scales=jnp.zeros((b, h, config.fixed_key_params), scale),
+        key_fixed_zeros=jnp.zeros((b, h, config.fixed_key_params), scale),
+        value_fixed_scales=jnp.zeros((b, h, config.fixed_value_params), scale),
+        value_fixed_zeros=jnp.zeros((b, h, config.fixed_value_params), scale),
+        key_mean=jnp.zeros((b, h, d if config.smooths_keys else 0), jnp.float32),
     )
 
 
@@ -172,30 +218,66 @@ def init_cache(
 
 
 # ---- quantizing blocks ---------------------------------------------------------------
+def _quantize_granular(
+    x: jax.Array, bits: int, granularity: str, group_size: int, param_dtype: jnp.dtype,
+    fixed_scales: jax.Array, fixed_zeros: jax.Array, *, channel_axis: int,
+) -> quant.Quantized:
+    """Quantize keys [..., D, R] (``channel_axis=-2``) or values [..., R, D] (-1).
+
+    ``per_block`` groups the last axis in runs of ``group_size`` (tokens for keys,
+    channels for values); ``per_token`` is one group over the channel axis;
+    ``per_channel`` / ``per_tensor`` apply ``fixed_*`` [..., D | 1] along the channel
+    axis, clamping, and return zero-size scales/zeros [..., 0].
+    """
+    if granularity == "per_block":
+        return quant.quantize(x, bits, axis=-1, group_size=group_size, param_dtype=param_dtype)
+    if granularity == "per_token":
+        return quant.quantize(x, bits, axis=channel_axis, param_dtype=param_dtype)
+    along = (lambda p: p[..., :, None]) if channel_axis == -2 else (lambda p: p[..., None, :])
+    codes = quant.quantize_with_params(x, along(fixed_scales), along(fixed_zeros), bits)
+    empty = jnp.zeros((*x.shape[:-1], 0), param_dtype)
+    return quant.Quantized(codes, empty, empty)
+
+
 def quantize_blocks(
-    keys: jax.Array, values: jax.Array, mean_abs_query: jax.Array, config: KVQuantConfig
+    keys: jax.Array,
+    values: jax.Array,
+    mean_abs_query: jax.Array,
+    config: KVQuantConfig,
+    fixed: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, Any]:
     """Quantize complete blocks into the cache's block layout.
 
     Args:
       keys, values: [..., R, D] blocks of R tokens (any leading dims).
       mean_abs_query: ``I_d`` broadcastable to [..., D].
+      fixed: the `FIXED_FIELDS` of the blocks' sequences, each [..., P] with leading
+        dims broadcastable to ``keys.shape[:-2]``; needed when
+        ``config.has_first_chunk_statistics``.
 
     Returns:
       A dict with the `LayerKVCache` block fields (``key_full``, ``key_codes``, ...),
       each shaped like the cache's per-block arrays with the given leading dims.
     """
     full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
+    if fixed is None:
+        if config.has_first_chunk_statistics:
+            raise ValueError(f"{config.name}: quantize_blocks needs the sequences' fixed "
+                             "statistics (fixed=...) for this granularity / K-smoothing")
+        fixed = {name: jnp.zeros((0,)) for name in FIXED_FIELDS}
     perm = channel_permutation(keys, mean_abs_query, config)
     keys_t = jnp.swapaxes(keys, -1, -2)  # [..., D, R]: channel-major, tiers slice rows
     if config.stores_permutation:
         keys_t = jnp.take_along_axis(keys_t, perm[..., :, None], axis=-2)
+    if config.smooths_keys:  # K-smoothing: quantize keys - mean (single tier, no full)
+        keys_t = keys_t.astype(jnp.float32) - fixed["key_mean"][..., :, None]
     offset = config.key_channels_full
     codes, scales, zeros = [], [], []
+    granularity = config.effective_key_granularity
     for bits, count in config.key_tiers:
-        tier = quant.quantize(
-            keys_t[..., offset : offset + count, :], bits, axis=-1,
-            group_size=config.key_group_size, param_dtype=scale,
+        tier = _quantize_granular(
+            keys_t[..., offset : offset + count, :], bits, granularity, config.key_group_size,
+            scale, fixed["key_fixed_scales"], fixed["key_fixed_zeros"], channel_axis=-2,
         )
         codes.append(quant.pack(tier.codes, bits, axis=-1))
         scales.append(tier.scales)
@@ -203,8 +285,11 @@ def quantize_blocks(
         offset += count
     lead = keys.shape[:-2]
     if config.quantizes_values:
-        v = quant.quantize(values, config.value_bits, axis=-1,
-                           group_size=config.value_group_size, param_dtype=scale)
+        v = _quantize_granular(
+            values, config.value_bits, config.effective_value_granularity,
+            config.value_group_size, scale, fixed["value_fixed_scales"],
+            fixed["value_fixed_zeros"], channel_axis=-1,
+        )
         value_codes = quant.pack(v.codes, config.value_bits, axis=-1)
         value_scales, value_zeros = v.scales, v.zeros
     else:
@@ -225,10 +310,123 @@ def quantize_blocks(
 
 BLOCK_FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "key_permutation",
                 "value_codes", "value_scales", "value_zeros")
+# Per-sequence statistics fixed at the first chunk (per_channel / per_tensor, K-smoothing).
+FIXED_FIELDS = ("key_fixed_scales", "key_fixed_zeros", "value_fixed_scales",
+                "value_fixed_zeros", "key_mean")
+# Per-sequence fields that do not grow with the context (cheap to copy out of a stack).
+SMALL_FIELDS = (*FIXED_FIELDS, "residual_keys", "residual_values", "query_abs_sum",
+                "query_count")
 
 
 def _block_arrays(layer: LayerKVCache) -> dict[str, Any]:
     return {name: getattr(layer, name) for name in BLOCK_FIELDS}
+
+
+def fixed_arrays(layer: LayerKVCache) -> dict[str, jax.Array]:
+    """The layer's `FIXED_FIELDS`, each [B, H, P]."""
+    return {name: getattr(layer, name) for name in FIXED_FIELDS}
+
+
+def first_chunk_statistics(
+    keys: jax.Array, values: jax.Array, valid: jax.Array, config: KVQuantConfig
+) -> dict[str, jax.Array]:
+    """The fixed statistics a chunk gives its sequence if it is the first one.
+
+    Args:
+      keys, values: [B, C, H, D] the chunk as the cache stores it (``full_dtype``).
+      valid: [B, C] bool, the real (non-padding) tokens.
+
+    Returns:
+      `FIXED_FIELDS` -> [B, H, P]: per_channel / per_tensor scales and zeros (of
+      ``keys - mean`` under K-smoothing) that map every valid token of the chunk into
+      range, and the per-channel key mean (float32).
+    """
+    b, _, h, d = keys.shape
+    scale = _dtype(config.scale_dtype)
+    mask = valid[:, :, None, None]
+    any_valid = jnp.any(valid, axis=1)[:, None, None]
+    k, v = keys.astype(jnp.float32), values.astype(jnp.float32)
+    if config.smooths_keys:
+        n = jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)[:, None, None]
+        mean = jnp.where(mask, k, 0.0).sum(axis=1) / n  # [B, H, D]
+        k = k - mean[:, None]  # the same float32 op as quantize_blocks: no clamping here
+    else:
+        mean = jnp.zeros((b, h, 0), jnp.float32)
+
+    def params(x: jax.Array, granularity: str, bits: int) -> tuple[jax.Array, jax.Array]:
+        if granularity not in ("per_channel", "per_tensor"):
+            return jnp.zeros((b, h, 0), scale), jnp.zeros((b, h, 0), scale)
+        lo = jnp.where(mask, x, jnp.inf).min(axis=1)  # [B, H, D]
+        hi = jnp.where(mask, x, -jnp.inf).max(axis=1)
+        if granularity == "per_tensor":
+            lo, hi = lo.min(axis=-1, keepdims=True), hi.max(axis=-1, keepdims=True)
+        # A sequence without tokens in this chunk keeps its old values (caller): 0, not inf.
+        lo, hi = jnp.where(any_valid, lo, 0.0), jnp.where(any_valid, hi, 0.0)
+        return quant.quant_params(lo, hi, bits, scale)
+
+    key_bits = config.key_tiers[0][0] if config.key_tiers else QUANT_BITS[0]
+    key_scales, key_zeros = params(k, config.effective_key_granularity, key_bits)
+    value_scales, value_zeros = params(
+        v, config.effective_value_granularity, config.value_bits if config.quantizes_values
+        else QUANT_BITS[0])
+    return {"key_fixed_scales": key_scales, "key_fixed_zeros": key_zeros,
+            "value_fixed_scales": value_scales, "value_fixed_zeros": value_zeros,
+            "key_mean": mean}
+
+
+def dequantize_block_keys(
+    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False,
+    stored_order: bool = False,
+) -> jax.Array:
+    """Keys of blocks in float32, channels in original order: [..., S, R, D].
+
+    Args:
+      arrays: the `LayerKVCache` block fields of S blocks ([..., S, ...], e.g. a slice
+        of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
+      smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
+        of the keys.
+      stored_order: return [..., S, D, R], channels in their stored (MixKVQ: per-block
+        salience) order, as the attention's tiles want them; implies ``smoothed``.
+    """
+    parts = [arrays["key_full"].astype(jnp.float32)] if config.key_channels_full else []
+    granularity = config.effective_key_granularity
+    for (bits, _), codes, scales, zeros in zip(
+        config.key_tiers, arrays["key_codes"], arrays["key_scales"], arrays["key_zeros"],
+        strict=True,
+    ):
+        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1)
+        if granularity == "per_block":
+            parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
+        elif granularity == "per_token":  # [..., S, 1, R]: one pair per token
+            parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-2))
+        else:  # fixed [..., D | 1] -> [..., 1, D | 1, 1]: along channels, for every block
+            along = lambda p: p[..., None, :, None]
+            parts.append(quant.dequantize(tier_codes, along(arrays["key_fixed_scales"]),
+                                          along(arrays["key_fixed_zeros"]), axis=-1))
+    keys_t = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)  # [.., S, D, R]
+    if stored_order:
+        return keys_t
+    if config.stores_permutation:
+        inverse = jnp.argsort(arrays["key_permutation"].astype(jnp.int32), axis=-1)
+        keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
+    keys = jnp.swapaxes(keys_t, -1, -2)
+    if config.smooths_keys and not smoothed:
+        keys = keys + arrays["key_mean"][..., None, None, :]
+    return keys
+
+
+def dequantize_block_values(arrays: Mapping[str, Any], config: KVQuantConfig) -> jax.Array:
+    """Values of blocks in float32: [..., S, R, D] (``arrays`` as in
+    `dequantize_block_keys`)."""
+    if not config.quantizes_values:
+        return arrays["value_codes"].astype(jnp.float32)
+    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim)
+    if config.effective_value_granularity in ("per_block", "per_token"):
+        # [..., S, R, NG]: groups of channels (per_token: one group of D)
+        return quant.dequantize(codes, arrays["value_scales"], arrays["value_zeros"], axis=-1)
+    along = lambda p: p[..., None, None, :]  # fixed [..., D | 1] -> [..., 1, 1, D | 1]
+    return quant.dequantize(codes, along(arrays["value_fixed_scales"]),
+                            along(arrays["value_fixed_zeros"]), axis=-1)
 
 
 def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.Array, jax.Array]:
@@ -237,23 +435,8 @@ def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.A
     Returns keys and values, each [B, H, NB, R, D] (slots past a sequence's block
     count hold zeros or stale data; mask them by length).
     """
-    parts = [layer.key_full.astype(jnp.float32)]
-    for (bits, _), codes, scales, zeros in zip(
-        config.key_tiers, layer.key_codes, layer.key_scales, layer.key_zeros, strict=True
-    ):
-        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1)
-        parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
-    keys_t = jnp.concatenate(parts, axis=-2)  # [B, H, NB, D, R] permuted channels
-    if config.stores_permutation:
-        inverse = jnp.argsort(layer.key_permutation.astype(jnp.int32), axis=-1)
-        keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
-    keys = jnp.swapaxes(keys_t, -1, -2)
-    if config.quantizes_values:
-        codes = quant.unpack(layer.value_codes, config.value_bits, length=config.head_dim)
-        values = quant.dequantize(codes, layer.value_scales, layer.value_zeros, axis=-1)
-    else:
-        values = layer.value_codes.astype(jnp.float32)
-    return keys, values
+    arrays = {**_block_arrays(layer), **fixed_arrays(layer)}
+    return dequantize_block_keys(arrays, config), dequantize_block_values(arrays, config)
 
 
 def dequantize_layer(
@@ -291,8 +474,17 @@ def update_layer(
     queries: jax.Array,
     counts: jax.Array,
     config: KVQuantConfig,
+    *,
+    index: jax.Array | None = None,
 ) -> LayerKVCache:
     """Append a chunk of tokens to one layer; quantize every window that fills up.
+
+    With ``index``, ``layer`` is the whole stacked cache ([layers, ...] arrays) and layer
+    ``index`` is updated *in place*: new blocks are scattered straight into their slots
+    of the stack, never through a per-layer copy. This is how the models update the
+    cache they carry through `jax.lax.scan`: writing back a whole updated layer would
+    copy the layer (every block slot) twice per layer per decode step, which for a
+    full-precision cache at long context costs more than the attention itself.
 
     Args:
       layer: the layer's cache.
@@ -306,6 +498,8 @@ def update_layer(
       The updated layer. ``lengths`` is not stored per layer: advance it once for all
       layers (`advance`).
     """
+    stacked, small = layer, _small_fields(layer, index)
+    layer = layer.replace(**small)  # block fields unused below but for their shape
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)
@@ -315,6 +509,13 @@ def update_layer(
     abs_q_cumsum = jnp.cumsum(abs_query_per_kv_head(queries, h, valid), axis=1)  # [B,C,H,D]
     abs_sum = layer.query_abs_sum + abs_q_cumsum[:, -1]
     q_count = layer.query_count + counts.astype(jnp.int32)
+    fixed = fixed_arrays(layer)
+    if config.has_first_chunk_statistics:
+        # Fixed statistics come from the first chunk written to an empty sequence.
+        first = ((lengths == 0) & (counts > 0))[:, None, None]
+        stats = first_chunk_statistics(keys.astype(full), values.astype(full), valid, config)
+        fixed = {name: jnp.where(first, stats[name], fixed[name]).astype(fixed[name].dtype)
+                 for name in FIXED_FIELDS}
 
     # Window + chunk, left-aligned: the window's r tokens, then the chunk's at r.
     n_flush_max = (r - 1 + c) // r  # static: most blocks one chunk can complete
@@ -348,33 +549,76 @@ def update_layer(
         )  # [B, F, H, D]
         n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
         mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
-        return quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config)
+        per_block = {name: x[:, :, None] for name, x in fixed.items()}  # [B, H, 1, P]
+        return quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config,
+                               per_block)
+
+    # Under shard_map, the cond's branches must agree on which mesh axes their outputs
+    # vary over: adding a zero taken from the data gives every output the data's.
+    zero = jnp.zeros_like(key_buf.reshape(-1)[0])
+
+    def like_data(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
     def no_blocks() -> dict[str, Any]:
         shapes = jax.eval_shape(quantize_new)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     # Only the new blocks go through the cond (its operands and results are copied);
-    # the cache's block arrays are updated in place by the scatter below, every step.
-    new = jax.lax.cond(jnp.any(n_flush > 0), quantize_new, no_blocks)
-    # Block j of sequence s goes to slot lengths // r + j; blocks j >= n_flush[s]
-    # are not complete and get an out-of-range slot, which the scatter drops.
-    nb = layer.key_full.shape[2]
-    slots = jnp.where(j < n_flush[:, None], (lengths // r)[:, None] + j, nb)
-    batch_idx = jnp.arange(b)[:, None]
+    # the cache's block arrays are updated in place by the writes below, every step.
+    new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()), no_blocks)
+    # Block j of sequence s goes to slot lengths // r + j if j < n_flush[s]; otherwise the
+    # slot's old block is written back (a no-op). One dynamic_update_slice per (s, j),
+    # in a loop: XLA applies those in place, also into a stack of layers, and for every
+    # dtype (a scatter of 16-bit floats is rewritten on CPU to convert the whole target
+    # to float32 and back: the whole stack, every layer).
+    nb = stacked.key_full.shape[2 if index is None else 3]
+    base = [] if index is None else [index]
+    targets = _block_arrays(stacked)
 
-    def write(old: jax.Array, upd: jax.Array) -> jax.Array:
-        upd = jnp.swapaxes(upd, 1, 2)  # [B, F, H, ...] to match old[b_idx, :, slot]
-        return old.at[batch_idx, :, slots].set(upd.astype(old.dtype), mode="drop")
+    def write_one(n: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
+        s_, j_ = n // n_flush_max, n % n_flush_max
+        slot = jnp.minimum(lengths[s_] // r + j_, nb - 1)
+        keep = j_ >= n_flush[s_]
 
-    blocks = jax.tree.map(write, _block_arrays(layer), new)
-    return layer.replace(
-        **blocks,
-        residual_keys=new_window_keys,
-        residual_values=new_window_values,
-        query_abs_sum=abs_sum,
-        query_count=q_count,
-    )
+        def put(old: jax.Array, upd: jax.Array) -> jax.Array:
+            block = jax.lax.dynamic_index_in_dim(
+                jax.lax.dynamic_index_in_dim(upd, s_, 0, keepdims=False), j_, 1,
+                keepdims=True).astype(old.dtype)  # [H, 1, ...]
+            start = (*base, s_, 0, slot, *([0] * (old.ndim - len(base) - 3)))
+            size = (*([1] * len(base)), 1, *block.shape)
+            current = jax.lax.dynamic_slice(old, start, size)
+            block = _select_bits(keep, current, block.reshape(size))
+            return jax.lax.dynamic_update_slice(old, block, start)
+
+        return jax.tree.map(put, arrays, new)
+
+    blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
+    small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
+             "query_abs_sum": abs_sum, "query_count": q_count}
+    if index is not None:
+        small = {name: jax.lax.dynamic_update_index_in_dim(getattr(stacked, name), x, index, 0)
+                 for name, x in small.items()}
+    return stacked.replace(**blocks, **small)
+
+
+def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``where(pred, a, b)`` on the bits: XLA:CPU upcasts a 16-bit float select (and the
+    ops around it, up to the whole cache buffer it feeds) to float32."""
+    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.where(pred, a, b)
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.where(pred, bits(a), bits(b)), a.dtype)
+
+
+def _small_fields(layer: LayerKVCache, index: jax.Array | None) -> dict[str, jax.Array]:
+    """The `SMALL_FIELDS` of one layer, read out of a stack at ``index``."""
+    if index is None:
+        return {name: getattr(layer, name) for name in SMALL_FIELDS}
+    return {name: jax.lax.dynamic_index_in_dim(getattr(layer, name), index, 0, keepdims=False)
+            for name in SMALL_FIELDS}
+
+
 
 
 def advance(cache: QuantizedKVCache, layers: LayerKVCache, counts: jax.Array) -> QuantizedKVCache:

@@ -10,6 +10,10 @@ ranked by salience and split into tiers, ``full`` (kept in ``full_dtype``), ``in
 ``int4`` and ``int2``; quantized tiers are per-channel over groups of
 ``key_group_size`` tokens (KIVI). Values are per-token over groups of
 ``value_group_size`` channels at ``value_bits`` (16 means not quantized).
+
+KV Pareto options (single-tier presets only): the quantization granularity of keys and
+values (``per_block`` as above, ``per_token``, ``per_channel`` or ``per_tensor``, the
+last two with statistics fixed at prefill) and K-smoothing; see `KVQuantConfig`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ QUANT_BITS = (8, 4, 2)
 SALIENCE_MODES = ("query_aware", "range_only", "none")
 FULL_DTYPES = ("bfloat16", "float16", "float32")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
+# Scale/zero granularity of a quantized key or value tier (KV Pareto); see KVQuantConfig.
+GRANULARITIES = ("per_block", "per_token", "per_channel", "per_tensor")
+FIXED_GRANULARITIES = ("per_channel", "per_tensor")  # statistics fixed at the first chunk
 # configs/ is installed as the package mixkvq_jax.configs (pyproject package-dir mapping).
 PRESET_DIR = Path(str(importlib.resources.files("mixkvq_jax.configs"))) / "kv"
 
@@ -64,6 +71,28 @@ class KVQuantConfig:
         salience.
       full_dtype: storage dtype of unquantized channels and of the residual window.
       scale_dtype: storage dtype of scales and zero points.
+      key_granularity, value_granularity: what one scale/zero pair covers, per KV head
+        and sequence (one of `GRANULARITIES`):
+
+        * ``per_block`` (default): keys per channel over groups of ``key_group_size``
+          tokens (KIVI), values per token over groups of ``value_group_size`` channels;
+        * ``per_token``: one pair per token over all ``head_dim`` channels;
+        * ``per_channel``: one pair per channel over the whole sequence;
+        * ``per_tensor``: one pair over all channels and tokens.
+
+        ``per_channel`` and ``per_tensor`` statistics are computed from the first chunk
+        written to an empty sequence (the prefill, or its first chunk under chunked
+        prefill) and fixed afterwards: later tokens outside that range are *clamped*
+        to it. A granularity for a part that is not quantized (values at 16 bits, keys
+        with no quantized tier) has no effect.
+      key_smoothing: K-smoothing (KV Pareto): subtract the per-channel key mean of the
+        first chunk (stored, float32) before quantizing the keys; attention adds
+        ``q . mean`` back to every quantized score, exactly. No effect without a
+        quantized key tier.
+
+    Non-default granularities and smoothing need a single key tier (no salience
+    permutation; e.g. k8v8..k2v2, kivi2/4, int8); mixed-precision (MixKVQ) presets
+    reject them.
     """
 
     name: str
@@ -80,6 +109,9 @@ class KVQuantConfig:
     salience_base_bits: int = 2
     full_dtype: str = "bfloat16"
     scale_dtype: str = "bfloat16"
+    key_granularity: str = "per_block"
+    value_granularity: str = "per_block"
+    key_smoothing: bool = False
 
     def __post_init__(self) -> None:
         counts = self.key_channel_counts
@@ -122,6 +154,26 @@ class KVQuantConfig:
                 f"{self.name}: head_dim={self.head_dim} is not a multiple of "
                 f"value_group_size={self.value_group_size}"
             )
+        for field in ("key_granularity", "value_granularity"):
+            if getattr(self, field) not in GRANULARITIES:
+                raise KVConfigError(
+                    f"{self.name}: {field}={getattr(self, field)!r} is unknown; use one of "
+                    f"{', '.join(GRANULARITIES)}"
+                )
+        if not isinstance(self.key_smoothing, bool):
+            raise KVConfigError(
+                f"{self.name}: key_smoothing={self.key_smoothing!r}; use true or false"
+            )
+        n_key_tiers = len(self.key_tiers) + (self.key_channels_full > 0)
+        non_default = (self.key_granularity != "per_block"
+                       or self.value_granularity != "per_block" or self.key_smoothing)
+        if non_default and n_key_tiers > 1:
+            raise KVConfigError(
+                f"{self.name}: key/value granularity other than per_block and key_smoothing "
+                f"need a single key tier, but key channels full/int8/int4/int2 are "
+                f"{self.key_channel_counts}; use a uniform preset (k8v8..k2v2, kivi2/4, "
+                "int8) or keep per_block without smoothing"
+            )
 
     # ---- derived, static -------------------------------------------------------------
     @property
@@ -160,6 +212,47 @@ class KVQuantConfig:
         return self.salience != "none" and n_nonempty > 1
 
     @property
+    def effective_key_granularity(self) -> str:
+        """``key_granularity``, or ``per_block`` when no key channel is quantized."""
+        return self.key_granularity if self.key_tiers else "per_block"
+
+    @property
+    def effective_value_granularity(self) -> str:
+        """``value_granularity``, or ``per_block`` when values are not quantized."""
+        return self.value_granularity if self.quantizes_values else "per_block"
+
+    @property
+    def smooths_keys(self) -> bool:
+        """K-smoothing is on and some key channel is quantized."""
+        return self.key_smoothing and bool(self.key_tiers)
+
+    @property
+    def fixed_key_params(self) -> int:
+        """Key scale/zero pairs per (sequence, KV head) fixed at the first chunk:
+        head_dim (per_channel), 1 (per_tensor) or 0."""
+        return {"per_channel": self.head_dim, "per_tensor": 1}.get(
+            self.effective_key_granularity, 0)
+
+    @property
+    def fixed_value_params(self) -> int:
+        """The same for values."""
+        return {"per_channel": self.head_dim, "per_tensor": 1}.get(
+            self.effective_value_granularity, 0)
+
+    @property
+    def has_first_chunk_statistics(self) -> bool:
+        """Something (fixed scales/zeros, the smoothing mean) is taken from the first
+        chunk of each sequence, so prefill(n) + appends != prefill(n + m) in general."""
+        return bool(self.fixed_key_params or self.fixed_value_params or self.smooths_keys)
+
+    @property
+    def uses_kv_pareto_options(self) -> bool:
+        """A non-per_block granularity or K-smoothing is in effect (the Pallas decode
+        kernel does not serve these; the XLA path does)."""
+        return (self.effective_key_granularity != "per_block"
+                or self.effective_value_granularity != "per_block" or self.smooths_keys)
+
+    @property
     def permutation_dtype(self) -> str:
         return "uint8" if self.head_dim <= 256 else "int32"
 
@@ -190,14 +283,23 @@ class KVQuantConfig:
     def block_bytes(self) -> dict[str, int]:
         """Bytes of one quantized block (``residual_length`` tokens) of one KV head."""
         r, d = self.residual_length, self.head_dim
-        n_key_groups = r // self.key_group_size
+        # Scale/zero pairs per block: per channel x group (per_block), per token
+        # (per_token), none (per_channel / per_tensor: fixed per sequence, `fixed_bytes`).
+        def key_pairs(count: int) -> int:
+            granularity = self.effective_key_granularity
+            if granularity == "per_block":
+                return count * (r // self.key_group_size)
+            return r if granularity == "per_token" else 0
+
+        value_pairs = {"per_block": r * (d // self.value_group_size),
+                       "per_token": r}.get(self.effective_value_granularity, 0)
         key_codes = self.key_channels_full * r * self.full_bytes
         key_codes += sum(count * 4 * _words(r, bits) for bits, count in self.key_tiers)
-        key_params = sum(2 * count * n_key_groups * self.scale_bytes for _, count in self.key_tiers)
+        key_params = sum(2 * key_pairs(count) * self.scale_bytes for _, count in self.key_tiers)
         perm = d * np.dtype(self.permutation_dtype).itemsize if self.stores_permutation else 0
         if self.quantizes_values:
             value_codes = r * 4 * _words(d, self.value_bits)
-            value_params = 2 * r * (d // self.value_group_size) * self.scale_bytes
+            value_params = 2 * value_pairs * self.scale_bytes
         else:
             value_codes, value_params = r * d * self.full_bytes, 0
         return {
@@ -208,10 +310,20 @@ class KVQuantConfig:
             "value_scales_zeros": value_params,
         }
 
+    def fixed_bytes(self) -> dict[str, int]:
+        """Bytes per (sequence, KV head) of the statistics fixed at the first chunk:
+        per_channel / per_tensor scales and zeros, and the K-smoothing mean (float32)."""
+        return {
+            "key_fixed_scales_zeros": 2 * self.fixed_key_params * self.scale_bytes,
+            "value_fixed_scales_zeros": 2 * self.fixed_value_params * self.scale_bytes,
+            "key_mean": 4 * self.head_dim if self.smooths_keys else 0,
+        }
+
     @property
     def bytes_per_token(self) -> float:
         """Steady-state bytes per cached token per KV head (one layer), keys + values,
-        scales, zero points and channel indices included (residual window excluded)."""
+        scales, zero points and channel indices included (residual window and the
+        per-sequence constant `fixed_bytes` excluded)."""
         return sum(self.block_bytes().values()) / self.residual_length
 
     @property
@@ -233,6 +345,7 @@ class KVQuantConfig:
         per_head = self.num_blocks(max_len) * sum(self.block_bytes().values())
         per_head += 2 * self.residual_length * self.head_dim * self.full_bytes  # window
         per_head += self.head_dim * 4  # running mean |q| (float32)
+        per_head += sum(self.fixed_bytes().values())  # first-chunk statistics
         per_layer = batch * num_kv_heads * per_head + batch * 4  # + query count (int32)
         return num_layers * per_layer + batch * (4 + 1)  # + lengths (int32), overflow (bool)
 
@@ -240,8 +353,13 @@ class KVQuantConfig:
         full, i8, i4, i2 = self.key_channel_counts
         keys = f"keys full/int8/int4/int2 = {full}/{i8}/{i4}/{i2} ({self.average_key_bits:.2f} b)"
         vals = f"values {self.value_bits} b" if self.quantizes_values else "values full"
+        extra = ""
+        if self.uses_kv_pareto_options:
+            extra = (f", granularity k/v = {self.effective_key_granularity}/"
+                     f"{self.effective_value_granularity}"
+                     + (", K-smoothing" if self.smooths_keys else ""))
         return (
-            f"{self.name}: {keys}, {vals}, R={self.residual_length}, "
+            f"{self.name}: {keys}, {vals}{extra}, R={self.residual_length}, "
             f"{self.bytes_per_token:.1f} B/token/head ({100 * self.compression_vs_bf16:.1f}% "
             "of bf16)"
         )
@@ -249,7 +367,8 @@ class KVQuantConfig:
 
 # ---- presets ---------------------------------------------------------------------------
 _PRESET_KEYS = {"name", "description", "key", "value", "residual_length", "salience",
-                "salience_base_bits", "full_dtype", "scale_dtype"}
+                "salience_base_bits", "full_dtype", "scale_dtype", "key_granularity",
+                "value_granularity", "key_smoothing"}
 _KEY_KEYS = {"full", "int8", "int4", "int2", "bits", "group_size"}
 _VALUE_KEYS = {"bits", "group_size"}
 
@@ -318,7 +437,7 @@ def config_from_dict(
         "value_group_size": value.get("group_size", 32),
     }
     for field in ("residual_length", "salience", "salience_base_bits", "full_dtype",
-                  "scale_dtype"):
+                  "scale_dtype", "key_granularity", "value_granularity", "key_smoothing"):
         if field in spec:
             kwargs[field] = spec[field]
     fields = {f.name for f in dataclasses.fields(KVQuantConfig)}

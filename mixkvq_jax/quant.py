@@ -1,7 +1,9 @@
 """Asymmetric uniform quantization with groups, and bit-packing into uint32 words.
 
 One quantizer serves every preset: keys use it per channel over groups of G tokens,
-values per token over groups of G channels, each just a different ``axis``.
+values per token over groups of G channels, each just a different ``axis`` (the other
+granularities are whole-axis groups, or parameters fixed at prefill applied with
+`quantize_with_params`).
 
 Scale and zero point are rounded to their storage dtype *before* the codes are
 computed (zero rounded down, scale rounded up), so the codes are exact for the stored
@@ -68,7 +70,12 @@ def quant_params(
 def quantize_with_params(
     x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int
 ) -> jax.Array:
-    """Codes of ``x`` for already-broadcast ``scale`` / ``zero`` (same shape as ``x``)."""
+    """Codes of ``x`` for given ``scale`` / ``zero`` (broadcastable to ``x``).
+
+    Values outside ``[zero, zero + scale * (2^b - 1)]`` are clamped to the end codes:
+    how parameters fixed at prefill (per_channel / per_tensor granularity) treat later
+    tokens. A zero scale gives code 0 (dequantizes to ``zero``).
+    """
     scale = scale.astype(jnp.float32)
     safe_scale = jnp.where(scale == 0, 1.0, scale)  # zero range: code 0, never x/0
     codes = jnp.round((x.astype(jnp.float32) - zero.astype(jnp.float32)) / safe_scale)

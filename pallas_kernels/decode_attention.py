@@ -148,6 +148,11 @@ def unsupported_reason(
                 f"chunk of C={c}, which the XLA path handles")
     if d != config.head_dim:
         return f"q head_dim {d} != config.head_dim {config.head_dim}"
+    if config.uses_kv_pareto_options:
+        return (f"key/value granularity {config.effective_key_granularity}/"
+                f"{config.effective_value_granularity}"
+                f"{' with K-smoothing' if config.smooths_keys else ''} is served by the XLA "
+                "path (the kernel reads per_block scales only)")
     if layer.residual_keys.ndim != 4:
         return "layer must be one layer's cache ([B, H, ...] arrays, no leading layer axis)"
     h = layer.residual_keys.shape[1]

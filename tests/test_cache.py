@@ -26,9 +26,18 @@ def _tokens(cache, keys_or_values):
     return jnp.swapaxes(k[:, :, :, :t], 2, 3), jnp.swapaxes(v[:, :, :, :t], 2, 3)
 
 
-@pytest.mark.parametrize("name", ["bf16", *QUANT_PRESETS])
-def test_prefill_then_appends_equals_one_shot(name):
-    cfg = small_config(name)
+# Granularities whose parameters come from the tokens they quantize keep this invariant;
+# per_channel / per_tensor and K-smoothing fix statistics at the first chunk, so a
+# different first chunk gives different codes (tests/test_granularity.py covers those).
+STREAMING_CASES = [(name, {}) for name in ["bf16", *QUANT_PRESETS]] + [
+    ("k4v2", dict(key_granularity="per_token", value_granularity="per_token")),
+    ("int8", dict(key_granularity="per_token")),
+]
+
+
+@pytest.mark.parametrize("name, overrides", STREAMING_CASES)
+def test_prefill_then_appends_equals_one_shot(name, overrides):
+    cfg = small_config(name, **overrides)
     k, v, q = random_stream(0, L, B, 100, H, HQ, D)
     streamed = prefill_jit(_new(cfg), k[:, :, :45], v[:, :, :45], q[:, :, :45])
     for t in range(45, 100):
@@ -88,9 +97,14 @@ def test_mixkvq_block_uses_salience_of_its_moment():
     np.testing.assert_array_equal(k_back[0, 0, 32:64, 0][:, full], k[0, 0, 32:64, 0][:, full])
 
 
-@pytest.mark.parametrize("name", ["kivi2", "mixkvq"])
-def test_ragged_batch_equals_each_sequence_alone(name):
-    cfg = small_config(name)
+@pytest.mark.parametrize("name, overrides", [
+    ("kivi2", {}), ("mixkvq", {}),
+    # fixed statistics are per sequence: padding and the other sequence do not leak in
+    ("k4v2", dict(key_granularity="per_channel", value_granularity="per_tensor",
+                  key_smoothing=True)),
+])
+def test_ragged_batch_equals_each_sequence_alone(name, overrides):
+    cfg = small_config(name, **overrides)
     k, v, q = random_stream(3, L, B, 80, H, HQ, D)
     counts = jnp.asarray([80, 37])
     batched = prefill_jit(_new(cfg), k, v, q, counts)

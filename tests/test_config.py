@@ -54,6 +54,14 @@ def test_overrides_and_jit_static():
         (dict(key_channels_full=64, value_bits=3), "value_bits=3 is unsupported"),
         (dict(key_channels_full=64, salience="magic"), "salience='magic'"),
         (dict(key_channels_full=64, full_dtype="int8"), "full_dtype='int8'"),
+        (dict(key_channels_full=0, key_channels_int4=64, key_granularity="per_head"),
+         "key_granularity='per_head' is unknown; use one of per_block, per_token, "
+         "per_channel, per_tensor"),
+        (dict(key_channels_full=0, key_channels_int4=64, value_bits=2,
+              value_granularity="per_sequence"),
+         "value_granularity='per_sequence' is unknown; use one of per_block"),
+        (dict(key_channels_full=0, key_channels_int4=64, key_smoothing="yes"),
+         "key_smoothing='yes'; use true"),
     ],
 )
 def test_invalid_configs(kwargs, message):
@@ -74,3 +82,40 @@ def test_yaml_typo_names_the_key(tmp_path):
     path.write_text("key: {full: 0.1, int4: rest}\nvalue: {bits: 4}\nresidual_length: 64\n")
     cfg = load_kv_config(path, 64)
     assert cfg.key_channel_counts == (6, 0, 58, 0) and cfg.name == "mine"
+
+
+def test_granularity_and_smoothing_overrides_and_yaml(tmp_path):
+    cfg = load_kv_config("k4v2", 128, key_granularity="per_token", key_smoothing=True)
+    assert (cfg.key_granularity, cfg.value_granularity, cfg.key_smoothing) == (
+        "per_token", "per_block", True)
+    assert cfg.uses_kv_pareto_options and cfg.has_first_chunk_statistics
+    assert "per_token/per_block, K-smoothing" in cfg.describe()
+    hash(cfg)
+    assert not load_kv_config("k4v2", 128).uses_kv_pareto_options
+    path = tmp_path / "k4v2_tensor.yaml"
+    path.write_text("key: {bits: 4}\nvalue: {bits: 2}\nkey_granularity: per_channel\n"
+                    "value_granularity: per_tensor\nkey_smoothing: true\n")
+    cfg = load_kv_config(path, 64)
+    assert (cfg.key_granularity, cfg.value_granularity, cfg.key_smoothing) == (
+        "per_channel", "per_tensor", True)
+    assert (cfg.fixed_key_params, cfg.fixed_value_params) == (64, 1)
+    with pytest.raises(KVConfigError, match="key_granularity='rows' is unknown"):
+        load_kv_config("k4v2", 64, key_granularity="rows")
+
+
+def test_granularity_has_no_effect_on_unquantized_parts():
+    bf16 = load_kv_config("bf16", 64, key_granularity="per_token",
+                          value_granularity="per_channel", key_smoothing=True)
+    assert bf16.effective_key_granularity == bf16.effective_value_granularity == "per_block"
+    assert not bf16.uses_kv_pareto_options and not bf16.has_first_chunk_statistics
+    assert bf16.bytes_per_token == load_kv_config("bf16", 64).bytes_per_token
+    k8v16 = load_kv_config("k8v8", 64, value_bits=16, value_granularity="per_tensor")
+    assert k8v16.effective_value_granularity == "per_block" and k8v16.fixed_value_params == 0
+
+
+@pytest.mark.parametrize("overrides", [dict(key_granularity="per_token"),
+                                       dict(value_granularity="per_channel"),
+                                       dict(key_smoothing=True)])
+def test_pareto_options_reject_mixed_precision_keys(overrides):
+    with pytest.raises(KVConfigError, match="need a single key tier.*keep per_block"):
+        load_kv_config("mixkvq", 64, **overrides)

@@ -112,3 +112,13 @@ def test_bad_input_errors():
         quant.quantize(jnp.ones((4, 40)), 2, group_size=32)
     with pytest.raises(TypeError, match="floating-point"):
         quant.quantize(jnp.ones((4, 32), jnp.int32), 2)
+
+
+def test_quantize_with_fixed_params_clamps_out_of_range_values():
+    """Parameters fixed at prefill: later values outside the range get the end codes."""
+    scale, zero = quant.quant_params(jnp.asarray([-1.0, 0.0]), jnp.asarray([2.0, 0.0]), 2)
+    x = jnp.asarray([[-5.0, 0.0], [0.0, 7.0], [1.0, -3.0], [9.0, 0.0]])  # [tokens, channels]
+    codes = quant.quantize_with_params(x, scale[None], zero[None], 2)
+    np.testing.assert_array_equal(codes, [[0, 0], [1, 0], [2, 0], [3, 0]])
+    back = quant.dequantize(codes, scale[None], zero[None], axis=0)  # one group per column
+    np.testing.assert_array_equal(back, [[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
