@@ -313,6 +313,9 @@ BLOCK_FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "key_permuta
 # Per-sequence statistics fixed at the first chunk (per_channel / per_tensor, K-smoothing).
 FIXED_FIELDS = ("key_fixed_scales", "key_fixed_zeros", "value_fixed_scales",
                 "value_fixed_zeros", "key_mean")
+# Per-sequence fields that do not grow with the context (cheap to copy out of a stack).
+SMALL_FIELDS = (*FIXED_FIELDS, "residual_keys", "residual_values", "query_abs_sum",
+                "query_count")
 
 
 def _block_arrays(layer: LayerKVCache) -> dict[str, Any]:
@@ -372,7 +375,8 @@ def first_chunk_statistics(
 
 
 def dequantize_block_keys(
-    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False
+    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False,
+    stored_order: bool = False,
 ) -> jax.Array:
     """Keys of blocks in float32, channels in original order: [..., S, R, D].
 
@@ -381,8 +385,10 @@ def dequantize_block_keys(
         of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
       smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
         of the keys.
+      stored_order: return [..., S, D, R], channels in their stored (MixKVQ: per-block
+        salience) order, as the attention's tiles want them; implies ``smoothed``.
     """
-    parts = [arrays["key_full"].astype(jnp.float32)]
+    parts = [arrays["key_full"].astype(jnp.float32)] if config.key_channels_full else []
     granularity = config.effective_key_granularity
     for (bits, _), codes, scales, zeros in zip(
         config.key_tiers, arrays["key_codes"], arrays["key_scales"], arrays["key_zeros"],
@@ -397,7 +403,9 @@ def dequantize_block_keys(
             along = lambda p: p[..., None, :, None]
             parts.append(quant.dequantize(tier_codes, along(arrays["key_fixed_scales"]),
                                           along(arrays["key_fixed_zeros"]), axis=-1))
-    keys_t = jnp.concatenate(parts, axis=-2)  # [..., S, D, R] permuted channels
+    keys_t = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)  # [.., S, D, R]
+    if stored_order:
+        return keys_t
     if config.stores_permutation:
         inverse = jnp.argsort(arrays["key_permutation"].astype(jnp.int32), axis=-1)
         keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
@@ -466,8 +474,17 @@ def update_layer(
     queries: jax.Array,
     counts: jax.Array,
     config: KVQuantConfig,
+    *,
+    index: jax.Array | None = None,
 ) -> LayerKVCache:
     """Append a chunk of tokens to one layer; quantize every window that fills up.
+
+    With ``index``, ``layer`` is the whole stacked cache ([layers, ...] arrays) and layer
+    ``index`` is updated *in place*: new blocks are scattered straight into their slots
+    of the stack, never through a per-layer copy. This is how the models update the
+    cache they carry through `jax.lax.scan`: writing back a whole updated layer would
+    copy the layer (every block slot) twice per layer per decode step, which for a
+    full-precision cache at long context costs more than the attention itself.
 
     Args:
       layer: the layer's cache.
@@ -481,6 +498,8 @@ def update_layer(
       The updated layer. ``lengths`` is not stored per layer: advance it once for all
       layers (`advance`).
     """
+    stacked, small = layer, _small_fields(layer, index)
+    layer = layer.replace(**small)  # block fields unused below but for their shape
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)
@@ -534,32 +553,72 @@ def update_layer(
         return quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config,
                                per_block)
 
+    # Under shard_map, the cond's branches must agree on which mesh axes their outputs
+    # vary over: adding a zero taken from the data gives every output the data's.
+    zero = jnp.zeros_like(key_buf.reshape(-1)[0])
+
+    def like_data(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
     def no_blocks() -> dict[str, Any]:
         shapes = jax.eval_shape(quantize_new)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     # Only the new blocks go through the cond (its operands and results are copied);
-    # the cache's block arrays are updated in place by the scatter below, every step.
-    new = jax.lax.cond(jnp.any(n_flush > 0), quantize_new, no_blocks)
-    # Block j of sequence s goes to slot lengths // r + j; blocks j >= n_flush[s]
-    # are not complete and get an out-of-range slot, which the scatter drops.
-    nb = layer.key_full.shape[2]
-    slots = jnp.where(j < n_flush[:, None], (lengths // r)[:, None] + j, nb)
-    batch_idx = jnp.arange(b)[:, None]
+    # the cache's block arrays are updated in place by the writes below, every step.
+    new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()), no_blocks)
+    # Block j of sequence s goes to slot lengths // r + j if j < n_flush[s]; otherwise the
+    # slot's old block is written back (a no-op). One dynamic_update_slice per (s, j),
+    # in a loop: XLA applies those in place, also into a stack of layers, and for every
+    # dtype (a scatter of 16-bit floats is rewritten on CPU to convert the whole target
+    # to float32 and back: the whole stack, every layer).
+    nb = stacked.key_full.shape[2 if index is None else 3]
+    base = [] if index is None else [index]
+    targets = _block_arrays(stacked)
 
-    def write(old: jax.Array, upd: jax.Array) -> jax.Array:
-        upd = jnp.swapaxes(upd, 1, 2)  # [B, F, H, ...] to match old[b_idx, :, slot]
-        return old.at[batch_idx, :, slots].set(upd.astype(old.dtype), mode="drop")
+    def write_one(n: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
+        s_, j_ = n // n_flush_max, n % n_flush_max
+        slot = jnp.minimum(lengths[s_] // r + j_, nb - 1)
+        keep = j_ >= n_flush[s_]
 
-    blocks = jax.tree.map(write, _block_arrays(layer), new)
-    return layer.replace(
-        **blocks,
-        **fixed,
-        residual_keys=new_window_keys,
-        residual_values=new_window_values,
-        query_abs_sum=abs_sum,
-        query_count=q_count,
-    )
+        def put(old: jax.Array, upd: jax.Array) -> jax.Array:
+            block = jax.lax.dynamic_index_in_dim(
+                jax.lax.dynamic_index_in_dim(upd, s_, 0, keepdims=False), j_, 1,
+                keepdims=True).astype(old.dtype)  # [H, 1, ...]
+            start = (*base, s_, 0, slot, *([0] * (old.ndim - len(base) - 3)))
+            size = (*([1] * len(base)), 1, *block.shape)
+            current = jax.lax.dynamic_slice(old, start, size)
+            block = _select_bits(keep, current, block.reshape(size))
+            return jax.lax.dynamic_update_slice(old, block, start)
+
+        return jax.tree.map(put, arrays, new)
+
+    blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
+    small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
+             "query_abs_sum": abs_sum, "query_count": q_count}
+    if index is not None:
+        small = {name: jax.lax.dynamic_update_index_in_dim(getattr(stacked, name), x, index, 0)
+                 for name, x in small.items()}
+    return stacked.replace(**blocks, **small)
+
+
+def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``where(pred, a, b)`` on the bits: XLA:CPU upcasts a 16-bit float select (and the
+    ops around it, up to the whole cache buffer it feeds) to float32."""
+    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.where(pred, a, b)
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.where(pred, bits(a), bits(b)), a.dtype)
+
+
+def _small_fields(layer: LayerKVCache, index: jax.Array | None) -> dict[str, jax.Array]:
+    """The `SMALL_FIELDS` of one layer, read out of a stack at ``index``."""
+    if index is None:
+        return {name: getattr(layer, name) for name in SMALL_FIELDS}
+    return {name: jax.lax.dynamic_index_in_dim(getattr(layer, name), index, 0, keepdims=False)
+            for name in SMALL_FIELDS}
+
+
 
 
 def advance(cache: QuantizedKVCache, layers: LayerKVCache, counts: jax.Array) -> QuantizedKVCache:

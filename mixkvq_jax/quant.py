@@ -138,10 +138,14 @@ def dequantize(
 ) -> jax.Array:
     """Inverse of `quantize`: ``zero + code * scale`` with groups inferred from shapes."""
     axis = axis % codes.ndim
-    group_size = codes.shape[axis] // scales.shape[axis]
-    scales = jnp.repeat(scales.astype(jnp.float32), group_size, axis=axis)
-    zeros = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=axis)
-    return (zeros + codes.astype(jnp.float32) * scales).astype(dtype)
+    n, n_groups = codes.shape[axis], scales.shape[axis]
+    # Split the axis into (groups, group) and broadcast the parameters over the group:
+    # one elementwise fusion (a `jnp.repeat` of the parameters would be a gather).
+    grouped = (*codes.shape[:axis], n_groups, n // n_groups, *codes.shape[axis + 1:])
+    scales = jnp.expand_dims(scales.astype(jnp.float32), axis + 1)
+    zeros = jnp.expand_dims(zeros.astype(jnp.float32), axis + 1)
+    values = zeros + codes.reshape(grouped).astype(jnp.float32) * scales
+    return values.reshape(codes.shape).astype(dtype)
 
 
 def codes_per_word(bits: int) -> int:
@@ -178,9 +182,11 @@ def unpack(
     """Inverse of `pack`: uint32 words -> uint8 codes along ``axis`` (``length`` codes)."""
     k = codes_per_word(bits)
     w = jnp.moveaxis(words, axis, -1).astype(jnp.uint32)
-    mask = jnp.uint32(2**bits - 1)
-    slabs = [(w >> jnp.uint32(bits * j)) & mask for j in range(k)]
-    codes = jnp.concatenate(slabs, axis=-1).astype(jnp.uint8)
+    # Planar layout: slab j (bits j*b..) of every word holds codes j*W..(j+1)*W-1, so one
+    # broadcast shift gives [..., slabs, W], already in order (no concatenate).
+    shifts = (jnp.arange(k, dtype=jnp.uint32) * bits)[:, None]
+    codes = ((w[..., None, :] >> shifts) & jnp.uint32(2**bits - 1)).astype(jnp.uint8)
+    codes = codes.reshape(*w.shape[:-1], k * w.shape[-1])
     if length is not None:
         codes = codes[..., :length]
     return jnp.moveaxis(codes, -1, axis)

@@ -4,8 +4,9 @@ Every family (Llama 2/3, Mistral, Qwen2, Qwen3) runs through `DecoderLayer`; the
 differences are `ModelConfig` fields (q/k/v and o biases, MLP bias, q/k RMSNorm).
 
 Modules are Flax NNX. A layer never owns KV-cache state: attention is a function
-passed in (``attend``) that takes the post-RoPE q, k, v and this layer's cache slice
-and returns the output and the updated slice, so the same layer code serves cached
+passed in (``attend``) that takes the post-RoPE q, k, v and the cache (the models pass
+the stacked cache with this layer's index bound in) and returns the output and the
+updated cache, so the same layer code serves cached
 prefill/decode (`mixkvq_jax.attention.attend_and_update`) and cache-free causal
 attention for training (`causal_attention`).
 
@@ -24,7 +25,8 @@ from flax import nnx
 
 from .config import ModelConfig
 
-# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], layer_cache) -> (out [B,T,Hq,D], cache)
+# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,Hq,D], cache): the
+# models pass the whole stacked cache, with the layer index bound into ``attend``.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 

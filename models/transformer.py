@@ -94,18 +94,20 @@ class CausalLM(nnx.Module):
             h, stacked = carry
             layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            layer_cache = None
-            if stacked is not None:
-                layer_cache = jax.tree.map(
-                    lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), stacked
-                )
-            h, layer_cache = layer(h, rope, attend, layer_cache)
-            if stacked is not None:
-                stacked = jax.tree.map(
-                    lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), i, 0),
-                    stacked, layer_cache,
-                )
+            if stacked is None or in_place:
+                # The layer reads and updates its slice of the stacked cache in place
+                # (index i): no per-layer copy of the cache goes in or out of the layer.
+                h, stacked = layer(h, rope, functools.partial(attend, index=i), stacked)
+                return (h, stacked), None
+            # A copy of layer i in, the updated copy written back (see `_in_place`).
+            view = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), stacked)
+            h, view = layer(h, rope, functools.partial(attend, index=None), view)
+            stacked = jax.tree.map(
+                lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), i, 0),
+                stacked, view)
             return (h, stacked), None
+
+        in_place = caches is not None and _in_place(caches)
 
         indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x, caches), _ = jax.lax.scan(body, (x, caches), (state, indices))
@@ -158,9 +160,10 @@ class CausalLM(nnx.Module):
         kv_config = cache.config
         scale = 1.0 / math.sqrt(self.config.head_dim)
 
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: Any) -> tuple[jax.Array, Any]:
-            return attend_and_update(q, k, v, layer, lengths, counts, kv_config, scale=scale,
-                                     impl=impl)
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, layers: Any, *,
+                   index: jax.Array) -> tuple[jax.Array, Any]:
+            return attend_and_update(q, k, v, layers, lengths, counts, kv_config, scale=scale,
+                                     impl=impl, index=index)
 
         x, layers = self._run_layers(self.embed(tokens), rope, attend, cache.layers)
         return self.logits(x, logit_index), advance(cache, layers, counts)
@@ -174,11 +177,26 @@ class CausalLM(nnx.Module):
         rope = self.rope(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
         scale = 1.0 / math.sqrt(self.config.head_dim)
 
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, _: Any, *,
+                   index: jax.Array) -> tuple[jax.Array, None]:
             return causal_attention(q, k, v, scale=scale, lengths=lengths), None
 
         x, _ = self._run_layers(self.embed(tokens), rope, attend, None)
         return self.logits(x)
+
+
+def _in_place(caches: Any) -> bool:
+    """Whether layers update the stacked cache in place (else a per-layer copy).
+
+    In place is right everywhere except for 16-bit float cache arrays on CPU: XLA:CPU
+    has no 16-bit float dynamic-update-slice and rewrites each one into float32
+    converts of its whole target, which for a stack is every layer's data, at every
+    layer. A per-layer copy then costs less (2 x one layer per layer).
+    """
+    if jax.default_backend() != "cpu":
+        return True
+    return not any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
+                   and x.size > 0 for x in jax.tree.leaves(caches))
 
 
 @functools.lru_cache(maxsize=64)
