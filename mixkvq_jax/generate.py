@@ -46,8 +46,8 @@ import numpy as np
 
 from mixkvq_jax.aot import CompileCache
 from mixkvq_jax.cache import QuantizedKVCache, check_overflow, init_cache, memory_bytes
-from mixkvq_jax.config import KVConfigError, KVQuantConfig, load_kv_config
-from mixkvq_jax.errors import UserError
+from mixkvq_jax.config import KVQuantConfig, load_kv_config
+from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.models import ModelConfig, forward
 from mixkvq_jax.models.transformer import Params
 
@@ -578,14 +578,7 @@ def _run_cli(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: returns the exit status (2 for bad input)."""
-    try:
-        return _run_cli(argv)
-    except (UserError, KVConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run_cli(argv))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mixkvq_jax.errors import UserError
+from mixkvq_jax.errors import UserError, run_cli
 
 try:
     from mixkvq_jax.config import GRANULARITIES
@@ -819,52 +819,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for bad input)."""
-    from mixkvq_jax.config import KVConfigError
+    return run_cli(lambda: _run(argv),
+                   interrupted="interrupted; run the same command again to continue")
 
-    try:
-        args = build_parser().parse_args(argv)
-        if args.limit is not None and args.limit < 0:
-            raise UserError(f"--limit must be >= 0, got {args.limit}")
-        sweep = load_sweep(args.config)
-        prep = prepare(sweep, ckpt=args.ckpt, text=args.text, impl=args.impl)
-        out = args.out or Path(sweep.out_dir or f"benchmarks/results/pareto_{sweep.name}")
-        if args.dry_run:
-            for pt in prep.points:
-                print(f"{pt.id}\t{pt.kv_config.describe()}")
-            print(f"{len(prep.points)} points; checkpoint {prep.checkpoint}; text "
-                  f"{prep.text_desc}; out {out}")
-            return 0
-        t0 = time.perf_counter()
-        result = run_sweep(prep, out, fresh=args.fresh, limit=args.limit,
-                           progress=not args.no_progress, plot=not args.no_plot)
-        wall = time.perf_counter() - t0
-        print(f"# KV Pareto sweep {sweep.name}: {Path(prep.checkpoint).name}, context "
-              f"{sweep.context}, {prep.text_desc}; {result.evaluated} point(s) evaluated, "
-              f"{result.skipped} already in the CSV; wall {wall:.0f} s")
-        if not result.complete:
-            print(f"incomplete: {len(result.rows)}/{len(prep.points)} points in "
-                  f"{result.csv_path}; run again to continue")
-            return 0
-        metric = sweep.primary_metric
-        print(f"\nPareto-optimal points (total memory vs {metric}):\n")
-        print(pareto_table(result.rows, metric))
-        base = [r for r in result.rows if r["weights"] == "bf16" and r["kv"] == "bf16"]
-        for r in base:
-            print(f"\nmemory check, bf16 weights + bf16 KV, chunk {r['chunk']}: weights "
-                  f"{r['weights_bytes']:,} + KV {r['kv_bytes']:,} + activations "
-                  f"{r['activation_bytes']:,} = {r['total_bytes']:,} B; XLA's peak of the "
-                  f"compiled prefill chunk {r['measured_peak_bytes']:,} B "
-                  f"({100 * r['memory_rel_error']:.3f}% apart)")
-        print(f"\nCSV: {result.csv_path}")
-        if result.png_path:
-            print(f"plot: {result.png_path}")
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.limit is not None and args.limit < 0:
+        raise UserError(f"--limit must be >= 0, got {args.limit}")
+    sweep = load_sweep(args.config)
+    prep = prepare(sweep, ckpt=args.ckpt, text=args.text, impl=args.impl)
+    out = args.out or Path(sweep.out_dir or f"benchmarks/results/pareto_{sweep.name}")
+    if args.dry_run:
+        for pt in prep.points:
+            print(f"{pt.id}\t{pt.kv_config.describe()}")
+        print(f"{len(prep.points)} points; checkpoint {prep.checkpoint}; text "
+              f"{prep.text_desc}; out {out}")
         return 0
-    except (UserError, KVConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+    t0 = time.perf_counter()
+    result = run_sweep(prep, out, fresh=args.fresh, limit=args.limit,
+                       progress=not args.no_progress, plot=not args.no_plot)
+    wall = time.perf_counter() - t0
+    print(f"# KV Pareto sweep {sweep.name}: {Path(prep.checkpoint).name}, context "
+          f"{sweep.context}, {prep.text_desc}; {result.evaluated} point(s) evaluated, "
+          f"{result.skipped} already in the CSV; wall {wall:.0f} s")
+    if not result.complete:
+        print(f"incomplete: {len(result.rows)}/{len(prep.points)} points in "
+              f"{result.csv_path}; run again to continue")
+        return 0
+    metric = sweep.primary_metric
+    print(f"\nPareto-optimal points (total memory vs {metric}):\n")
+    print(pareto_table(result.rows, metric))
+    base = [r for r in result.rows if r["weights"] == "bf16" and r["kv"] == "bf16"]
+    for r in base:
+        print(f"\nmemory check, bf16 weights + bf16 KV, chunk {r['chunk']}: weights "
+              f"{r['weights_bytes']:,} + KV {r['kv_bytes']:,} + activations "
+              f"{r['activation_bytes']:,} = {r['total_bytes']:,} B; XLA's peak of the "
+              f"compiled prefill chunk {r['measured_peak_bytes']:,} B "
+              f"({100 * r['memory_rel_error']:.3f}% apart)")
+    print(f"\nCSV: {result.csv_path}")
+    if result.png_path:
+        print(f"plot: {result.png_path}")
+    return 0
 
 
 if __name__ == "__main__":

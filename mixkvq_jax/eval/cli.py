@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mixkvq_jax.config import PRESET_DIR, KVConfigError
-from mixkvq_jax.errors import UserError
+from mixkvq_jax.config import PRESET_DIR
+from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.eval import text as text_mod
 
 DEFAULT_PRESETS = ("bf16", "int8", "kivi4", "kivi2", "mixkvq", "mixkvq:salience=range_only")
@@ -357,13 +356,9 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for bad input)."""
-    try:
+    def run() -> int:
         args = build_parser().parse_args(argv)
         return {"report": cmd_report, "calibrate": cmd_calibrate, "plot": cmd_plot,
                 "passkey": cmd_passkey}[args.command](args)
-    except (UserError, KVConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return run_cli(run)
