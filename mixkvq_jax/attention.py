@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mixkvq_jax import cache as kv_cache
-from mixkvq_jax.cache import BLOCK_FIELDS, SMALL_FIELDS, LayerKVCache, update_layer
+from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, layer_at, update_layer
 from mixkvq_jax.config import KVQuantConfig
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -159,12 +159,11 @@ def history_attention_xla(
     be a copy of the whole layer, as the loop needs its operands in memory).
     """
     blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
-    if index is not None:
-        layer = layer.replace(**{name: jax.lax.dynamic_index_in_dim(
-            getattr(layer, name), index, 0, keepdims=False) for name in SMALL_FIELDS})
-    else:
+    if index is None:
         blocks = jax.tree.map(lambda x: x[None], blocks)  # a stack of one (no copy)
         index = jnp.zeros((), jnp.int32)
+    else:
+        layer = layer_at(layer, index)  # read for its window, statistics and shapes
     b, c, _, d = q.shape
     kv_heads, r = layer.residual_keys.shape[1], config.residual_length
     qg = _group_queries(q, kv_heads, scale)  # [B, H, Gq, C, D]
@@ -288,8 +287,7 @@ def cached_attention(
         except ImportError as err:  # kernels not built for this install
             _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
         else:
-            view = layer if index is None else jax.tree.map(
-                lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), layer)
+            view = layer_at(layer, index)
             reason = kernels.unsupported_reason(q, view, config)
             if reason is None:
                 return kernels.cached_attention_pallas(
@@ -333,7 +331,7 @@ def attend_and_update(
     history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl, index=index)
     own = chunk_attention(q, k, v, counts, scale=scale)
     out = merge_partials(history, own).out.astype(q.dtype)
-    # The update scatters into the buffer the attention read. XLA does that in place only
+    # The update writes into the buffer the attention read. XLA does that in place only
     # if every read provably happens first; otherwise it copies the buffer (for a stack:
     # all layers) at every layer. Make the update depend on the attention output through
     # a zero XLA cannot fold (no float is < -inf, NaN included): reads come first.

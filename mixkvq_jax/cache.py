@@ -313,9 +313,6 @@ BLOCK_FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "key_permuta
 # Per-sequence statistics fixed at the first chunk (per_channel / per_tensor, K-smoothing).
 FIXED_FIELDS = ("key_fixed_scales", "key_fixed_zeros", "value_fixed_scales",
                 "value_fixed_zeros", "key_mean")
-# Per-sequence fields that do not grow with the context (cheap to copy out of a stack).
-SMALL_FIELDS = (*FIXED_FIELDS, "residual_keys", "residual_values", "query_abs_sum",
-                "query_count")
 
 
 def _block_arrays(layer: LayerKVCache) -> dict[str, Any]:
@@ -480,7 +477,7 @@ def update_layer(
     """Append a chunk of tokens to one layer; quantize every window that fills up.
 
     With ``index``, ``layer`` is the whole stacked cache ([layers, ...] arrays) and layer
-    ``index`` is updated *in place*: new blocks are scattered straight into their slots
+    ``index`` is updated *in place*: new blocks are written straight into their slots
     of the stack, never through a per-layer copy. This is how the models update the
     cache they carry through `jax.lax.scan`: writing back a whole updated layer would
     copy the layer (every block slot) twice per layer per decode step, which for a
@@ -498,8 +495,8 @@ def update_layer(
       The updated layer. ``lengths`` is not stored per layer: advance it once for all
       layers (`advance`).
     """
-    stacked, small = layer, _small_fields(layer, index)
-    layer = layer.replace(**small)  # block fields unused below but for their shape
+    stacked = layer
+    layer = layer_at(stacked, index)  # only its per-sequence fields are read below
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)
@@ -611,14 +608,16 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(pred, bits(a), bits(b)), a.dtype)
 
 
-def _small_fields(layer: LayerKVCache, index: jax.Array | None) -> dict[str, jax.Array]:
-    """The `SMALL_FIELDS` of one layer, read out of a stack at ``index``."""
+def layer_at(stacked: LayerKVCache, index: jax.Array | None) -> LayerKVCache:
+    """Layer ``index`` of a stacked cache (``None``: ``stacked`` is one layer already).
+
+    Slices are lazy under jit: XLA computes only the fields a caller reads (the models
+    read the per-sequence fields this way and slice blocks from the stack themselves).
+    """
     if index is None:
-        return {name: getattr(layer, name) for name in SMALL_FIELDS}
-    return {name: jax.lax.dynamic_index_in_dim(getattr(layer, name), index, 0, keepdims=False)
-            for name in SMALL_FIELDS}
-
-
+        return stacked
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False),
+                        stacked)
 
 
 def advance(cache: QuantizedKVCache, layers: LayerKVCache, counts: jax.Array) -> QuantizedKVCache:

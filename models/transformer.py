@@ -100,8 +100,9 @@ class CausalLM(nnx.Module):
                 h, stacked = layer(h, rope, functools.partial(attend, index=i), stacked)
                 return (h, stacked), None
             # A copy of layer i in, the updated copy written back (see `_in_place`).
-            view = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), stacked)
-            h, view = layer(h, rope, functools.partial(attend, index=None), view)
+            from mixkvq_jax.cache import layer_at
+
+            h, view = layer(h, rope, functools.partial(attend, index=None), layer_at(stacked, i))
             stacked = jax.tree.map(
                 lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), i, 0),
                 stacked, view)
@@ -161,7 +162,7 @@ class CausalLM(nnx.Module):
         scale = 1.0 / math.sqrt(self.config.head_dim)
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, layers: Any, *,
-                   index: jax.Array) -> tuple[jax.Array, Any]:
+                   index: jax.Array | None) -> tuple[jax.Array, Any]:
             return attend_and_update(q, k, v, layers, lengths, counts, kv_config, scale=scale,
                                      impl=impl, index=index)
 
@@ -178,7 +179,7 @@ class CausalLM(nnx.Module):
         scale = 1.0 / math.sqrt(self.config.head_dim)
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, _: Any, *,
-                   index: jax.Array) -> tuple[jax.Array, None]:
+                   index: jax.Array | None) -> tuple[jax.Array, None]:
             return causal_attention(q, k, v, scale=scale, lengths=lengths), None
 
         x, _ = self._run_layers(self.embed(tokens), rope, attend, None)

@@ -25,3 +25,22 @@ def random_stream(seed: int, layers: int, batch: int, tokens: int, kv_heads: int
     v = rng.normal(size=(layers, batch, tokens, kv_heads, head_dim))
     q = rng.normal(size=(layers, batch, tokens, q_heads, head_dim))
     return tuple(jnp.asarray(x, jnp.float32) for x in (k, v, q))
+
+
+def append_one_by_one(cache, k, v, q, start: int):
+    """Append tokens ``start:`` of k / v / q ([L, B, T, ...]) with one jitted, donating
+    step each; returns (cache, how many times the step was traced)."""
+    import jax
+
+    from mixkvq_jax import cache as kvc
+
+    traces = []
+
+    def step(cache, k, v, q):
+        traces.append(1)
+        return kvc.append(cache, k, v, q)
+
+    step_jit = jax.jit(step, donate_argnums=0)
+    for t in range(start, k.shape[2]):
+        cache = step_jit(cache, k[:, :, t], v[:, :, t], q[:, :, t])
+    return cache, len(traces)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import QUANT_PRESETS, random_stream, small_config
+from helpers import QUANT_PRESETS, append_one_by_one, random_stream, small_config
 
 from mixkvq_jax import cache as kvc
 from mixkvq_jax import quant
@@ -125,18 +125,9 @@ def test_ragged_batch_equals_each_sequence_alone(name, overrides):
 
 def test_no_retrace_across_300_appends():
     cfg = small_config("mixkvq")
-    traces = []
-
-    def step(cache, k, v, q):
-        traces.append(1)
-        return kvc.append(cache, k, v, q)
-
-    step_jit = jax.jit(step, donate_argnums=0)
     k, v, q = random_stream(4, L, B, 300, H, HQ, D)
-    cache = _new(cfg, max_len=320)
-    for t in range(300):
-        cache = step_jit(cache, k[:, :, t], v[:, :, t], q[:, :, t])
-    assert len(traces) == 1
+    cache, traces = append_one_by_one(_new(cfg, max_len=320), k, v, q, 0)
+    assert traces == 1
     assert cache.lengths.tolist() == [300, 300]
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_stream, small_config
+from helpers import append_one_by_one, random_stream, small_config
 from test_attention import softmax_attention
 
 from mixkvq_jax import attention as attn
@@ -206,18 +206,10 @@ def test_fixed_statistics_come_from_the_first_chunk_and_clamp_later_tokens():
 def test_no_retrace_across_appends_with_fixed_statistics():
     cfg = small_config("k2v2", key_granularity="per_channel", value_granularity="per_token",
                        key_smoothing=True)
-    traces = []
-
-    def step(cache, k, v, q):
-        traces.append(1)
-        return kvc.append(cache, k, v, q)
-
-    step_jit = jax.jit(step, donate_argnums=0)
     k, v, q = random_stream(10, L, B, 120, H, HQ, D)
     cache = prefill_jit(_new(cfg, max_len=128), k[:, :, :20], v[:, :, :20], q[:, :, :20])
-    for t in range(20, 120):
-        cache = step_jit(cache, k[:, :, t], v[:, :, t], q[:, :, t])
-    assert len(traces) == 1
+    cache, traces = append_one_by_one(cache, k, v, q, 20)
+    assert traces == 1
     assert cache.lengths.tolist() == [120, 120]
 
 
