@@ -39,7 +39,9 @@ from mixkvq_jax.eval import metrics as m  # noqa: E402
 from mixkvq_jax.eval import report as rep  # noqa: E402
 from mixkvq_jax.eval import text as text_mod  # noqa: E402
 
-PRESETS = ["bf16", "int8", "kivi4", "kivi2", "mixkvq", "mixkvq:salience=range_only"]
+# The sink ablations show what the attention-sink token alone buys each scheme.
+PRESETS = ["bf16", "int8", "kivi4", "kivi2", "kivi2:sink_tokens=1", "mixkvq",
+           "mixkvq:salience=range_only", "mixkvq:sink_tokens=0"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,9 @@ def history_attention_xla(
         slot = start + jnp.arange(step)
         valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
         valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
+        if config.sink_tokens:  # sink rows of the first block: read from the sink buffer
+            position = (start * r + jnp.arange(step * r))[None, None, None, :]
+            valid = valid & (position >= config.sink_tokens)
         keys, values = dequantize_tile(sl, layer, config)
         scores = block_scores(qm, keys, sl, config).reshape(b, kv_heads, m, step * r)
         if config.smooths_keys:  # the blocks hold k - mean: add q . mean back (exact)
@@ -200,6 +203,12 @@ def history_attention_xla(
     carry = _empty_carry(qm)
     n_steps = (jnp.max(n_blocks) + step - 1) // step
     carry = jax.lax.fori_loop(0, n_steps, body, carry)
+    if config.sink_tokens:  # exact sinks, once they have left the window for a block
+        carry = _online_update(
+            carry, _dot("bhmd,bhsd->bhms", qm, _f32(layer.sink_keys)),
+            (n_blocks > 0)[:, None, None, None],
+            lambda p: _dot("bhms,bhsd->bhmd", p, _f32(layer.sink_values)),
+        )
 
     window_valid = jnp.arange(r)[None, :] < (lengths % r)[:, None]
     carry = _online_update(

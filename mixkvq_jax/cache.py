@@ -24,6 +24,11 @@ taken from the first chunk written to the empty sequence and fixed afterwards (l
 tokens are clamped into that range). K-smoothing quantizes ``keys - mean`` with the
 per-channel mean of that first chunk; the residual window stays raw.
 
+With ``sink_tokens = S > 0`` each sequence's first S tokens (attention sinks) are also
+kept in ``full_dtype`` (``sink_keys`` / ``sink_values``). Once they leave the residual
+window, attention reads them from there and masks their rows in the first block, whose
+quantization never sees them (those rows are filled with the block's token S first).
+
 Every layer array has a leading ``[layers]`` axis so models can `jax.lax.scan` over
 ``cache.layers``. All functions are pure and jit-compatible with static shapes: decode
 compiles once per (batch, max_len).
@@ -81,6 +86,8 @@ class LayerKVCache:
       value_fixed_scales, value_fixed_zeros: [B, H, P_v], the same for values.
       key_mean: [B, H, D] float32, the K-smoothing mean of the first chunk's keys
         ([B, H, 0] without smoothing).
+      sink_keys, sink_values: [B, H, S, D] ``full_dtype``, each sequence's first
+        S = ``config.sink_tokens`` tokens (zero-size when S = 0).
     """
 
     key_full: jax.Array
@@ -100,6 +107,8 @@ class LayerKVCache:
     value_fixed_scales: jax.Array
     value_fixed_zeros: jax.Array
     key_mean: jax.Array
+    sink_keys: jax.Array
+    sink_values: jax.Array
 
 
 @struct.dataclass
@@ -136,6 +145,10 @@ class QuantizedKVCache:
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
 
 
 def _key_param_shape(config: KVQuantConfig, count: int) -> tuple[int, int]:
@@ -194,6 +207,8 @@ def init_layer(
         value_fixed_scales=jnp.zeros((b, h, config.fixed_value_params), scale),
         value_fixed_zeros=jnp.zeros((b, h, config.fixed_value_params), scale),
         key_mean=jnp.zeros((b, h, d if config.smooths_keys else 0), jnp.float32),
+        sink_keys=jnp.zeros((b, h, config.sink_tokens, d), full),
+        sink_values=jnp.zeros((b, h, config.sink_tokens, d), full),
     )
 
 
@@ -453,6 +468,12 @@ def dequantize_layer(
 
     keys = jax.vmap(place)(keys, layer.residual_keys, n_blocks)
     values = jax.vmap(place)(values, layer.residual_values, n_blocks)
+    if config.sink_tokens:  # once in a block, the sinks' exact copies are what counts
+        s = config.sink_tokens
+        in_blocks = (n_blocks > 0)[:, None, None, None]
+        keys = keys.at[:, :, :s].set(jnp.where(in_blocks, _f32(layer.sink_keys), keys[:, :, :s]))
+        values = values.at[:, :, :s].set(
+            jnp.where(in_blocks, _f32(layer.sink_values), values[:, :, :s]))
     return keys, values
 
 
@@ -534,7 +555,16 @@ def update_layer(
     new_window_values = jax.vmap(window_at)(value_buf, n_flush * r)
 
     def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
-        return buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
+        blocks = buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
+        if not config.sink_tokens:
+            return blocks
+        # Sink rows of a sequence's first block repeat its token S: they then take no
+        # part in the block's ranges (scales, zero points, salience); attention masks
+        # them and reads the sinks' exact copies instead.
+        s = config.sink_tokens
+        first = (lengths // r)[:, None] + jnp.arange(n_flush_max)[None, :] == 0  # [B, F]
+        sink_row = first[:, None, :, None, None] & (jnp.arange(r) < s)[:, None]
+        return jnp.where(sink_row, blocks[:, :, :, s : s + 1], blocks)
 
     # Chunk index of the token completing block j (clamped for incomplete blocks).
     j = jnp.arange(n_flush_max)[None, :]
@@ -593,10 +623,25 @@ def update_layer(
     blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
     small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
              "query_abs_sum": abs_sum, "query_count": q_count}
+    if config.sink_tokens:
+        small["sink_keys"] = _write_sinks(layer.sink_keys, keys, lengths, counts)
+        small["sink_values"] = _write_sinks(layer.sink_values, values, lengths, counts)
     if index is not None:
         small = {name: jax.lax.dynamic_update_index_in_dim(getattr(stacked, name), x, index, 0)
                  for name, x in small.items()}
     return stacked.replace(**blocks, **small)
+
+
+def _write_sinks(sinks: jax.Array, chunk: jax.Array, lengths: jax.Array,
+                 counts: jax.Array) -> jax.Array:
+    """Copy the chunk's tokens at positions < S into the sink buffer [B, H, S, D]
+    (chunk [B, C, H, D] starts at position ``lengths``; ``counts`` valid tokens)."""
+    s, c = sinks.shape[2], chunk.shape[1]
+    at = jnp.arange(s)[None, :] - lengths[:, None]  # [B, S] chunk index of sink slot
+    take = (at >= 0) & (at < counts[:, None])
+    rows = jnp.take_along_axis(chunk, jnp.clip(at, 0, c - 1)[:, :, None, None], axis=1)
+    rows = jnp.swapaxes(rows, 1, 2).astype(sinks.dtype)  # [B, H, S, D]
+    return jnp.where(take[:, None, :, None], rows, sinks)
 
 
 def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:

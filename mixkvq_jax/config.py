@@ -89,6 +89,12 @@ class KVQuantConfig:
         first chunk (stored, float32) before quantizing the keys; attention adds
         ``q . mean`` back to every quantized score, exactly. No effect without a
         quantized key tier.
+      sink_tokens: the first ``sink_tokens`` tokens of every sequence (attention sinks,
+        which draw a large share of attention) are also kept in ``full_dtype`` in a
+        small per-sequence buffer and attended from there; their rows in the first
+        quantized block are left out of its scales, zero points and MixKVQ salience.
+        Must be below ``residual_length``. With ``per_channel`` / ``per_tensor``
+        granularity or K-smoothing the first-chunk statistics still include them.
 
     Non-default granularities and smoothing need a single key tier (no salience
     permutation; e.g. k8v8..k2v2, kivi2/4, int8); mixed-precision (MixKVQ) presets
@@ -112,6 +118,7 @@ class KVQuantConfig:
     key_granularity: str = "per_block"
     value_granularity: str = "per_block"
     key_smoothing: bool = False
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         counts = self.key_channel_counts
@@ -163,6 +170,12 @@ class KVQuantConfig:
         if not isinstance(self.key_smoothing, bool):
             raise KVConfigError(
                 f"{self.name}: key_smoothing={self.key_smoothing!r}; use true or false"
+            )
+        if (not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool)
+                or not 0 <= self.sink_tokens < self.residual_length):
+            raise KVConfigError(
+                f"{self.name}: sink_tokens={self.sink_tokens!r}; use an int from 0 to "
+                f"residual_length - 1 = {self.residual_length - 1}"
             )
         n_key_tiers = len(self.key_tiers) + (self.key_channels_full > 0)
         non_default = (self.key_granularity != "per_block"
@@ -311,12 +324,14 @@ class KVQuantConfig:
         }
 
     def fixed_bytes(self) -> dict[str, int]:
-        """Bytes per (sequence, KV head) of the statistics fixed at the first chunk:
-        per_channel / per_tensor scales and zeros, and the K-smoothing mean (float32)."""
+        """Bytes per (sequence, KV head) that do not grow with the sequence: the
+        statistics fixed at the first chunk (per_channel / per_tensor scales and zeros,
+        the K-smoothing mean in float32) and the full-precision sink tokens."""
         return {
             "key_fixed_scales_zeros": 2 * self.fixed_key_params * self.scale_bytes,
             "value_fixed_scales_zeros": 2 * self.fixed_value_params * self.scale_bytes,
             "key_mean": 4 * self.head_dim if self.smooths_keys else 0,
+            "sink_keys_values": 2 * self.sink_tokens * self.head_dim * self.full_bytes,
         }
 
     @property
@@ -345,7 +360,7 @@ class KVQuantConfig:
         per_head = self.num_blocks(max_len) * sum(self.block_bytes().values())
         per_head += 2 * self.residual_length * self.head_dim * self.full_bytes  # window
         per_head += self.head_dim * 4  # running mean |q| (float32)
-        per_head += sum(self.fixed_bytes().values())  # first-chunk statistics
+        per_head += sum(self.fixed_bytes().values())  # first-chunk statistics, sinks
         per_layer = batch * num_kv_heads * per_head + batch * 4  # + query count (int32)
         return num_layers * per_layer + batch * (4 + 1)  # + lengths (int32), overflow (bool)
 
@@ -358,6 +373,8 @@ class KVQuantConfig:
             extra = (f", granularity k/v = {self.effective_key_granularity}/"
                      f"{self.effective_value_granularity}"
                      + (", K-smoothing" if self.smooths_keys else ""))
+        if self.sink_tokens:
+            extra += f", {self.sink_tokens} sink tokens full"
         return (
             f"{self.name}: {keys}, {vals}{extra}, R={self.residual_length}, "
             f"{self.bytes_per_token:.1f} B/token/head ({100 * self.compression_vs_bf16:.1f}% "
@@ -368,7 +385,7 @@ class KVQuantConfig:
 # ---- presets ---------------------------------------------------------------------------
 _PRESET_KEYS = {"name", "description", "key", "value", "residual_length", "salience",
                 "salience_base_bits", "full_dtype", "scale_dtype", "key_granularity",
-                "value_granularity", "key_smoothing"}
+                "value_granularity", "key_smoothing", "sink_tokens"}
 _KEY_KEYS = {"full", "int8", "int4", "int2", "bits", "group_size"}
 _VALUE_KEYS = {"bits", "group_size"}
 
@@ -437,7 +454,8 @@ def config_from_dict(
         "value_group_size": value.get("group_size", 32),
     }
     for field in ("residual_length", "salience", "salience_base_bits", "full_dtype",
-                  "scale_dtype", "key_granularity", "value_granularity", "key_smoothing"):
+                  "scale_dtype", "key_granularity", "value_granularity", "key_smoothing",
+                  "sink_tokens"):
         if field in spec:
             kwargs[field] = spec[field]
     fields = {f.name for f in dataclasses.fields(KVQuantConfig)}

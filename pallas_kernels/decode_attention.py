@@ -24,6 +24,10 @@ per block and head written and read (2 KiB at Gq 4, D 128, against about 14 KiB 
 MixKVQ block), counted in the benchmark's bytes; presets without a stored permutation
 pass the query once per (sequence, head) instead.
 
+**Attention sinks** (``config.sink_tokens`` = S > 0): both bodies mask the first S
+rows of each sequence's first block; the wrapper attends to the exact sink copies in
+plain jnp, like the residual window.
+
 **TPU (Mosaic).** Grid (B, H, splits, steps); each step DMAs ``blocks_per_step``
 blocks (double-buffered by the Pallas pipeline). Lengths are scalar-prefetched; the
 index map clamps the block index to the sequence's last valid step, so steps past the
@@ -316,9 +320,20 @@ def _query_inputs(qg: jax.Array, layer: LayerKVCache, lay: _Layout) -> dict[str,
 
 
 # ---- TPU kernel ---------------------------------------------------------------------------
+def _mask_sinks(scores: jax.Array, block: Any, lay: _Layout) -> jax.Array:
+    """Scores [Gq, R] of cache block ``block`` with the sink rows of block 0 at -inf
+    (their exact copies are attended outside the kernel)."""
+    s = lay.config.sink_tokens
+    if not s:
+        return scores
+    token = block * lay.r + lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    return jnp.where(token >= s, scores, -jnp.inf)
+
+
 def _tpu_block(refs: dict[str, Any], sub: Any, lay: _Layout, sc_ref: Any, m_ref: Any,
-               l_ref: Any, acc_ref: Any) -> None:
-    """Fold block ``sub`` of the current step into the running softmax state (TPU)."""
+               l_ref: Any, acc_ref: Any, block: Any) -> None:
+    """Fold block ``sub`` of the current step (cache block ``block``) into the running
+    softmax state (TPU)."""
     cfg = lay.config
 
     def query(name: str) -> jax.Array:
@@ -349,8 +364,8 @@ def _tpu_block(refs: dict[str, Any], sub: Any, lay: _Layout, sc_ref: Any, m_ref:
             cols = slice(pc.start, pc.start + pc.width)
             sc_ref[:, cols] = sc_ref[:, cols] + part
 
-    # Online softmax (the whole block is valid: blocks hold R tokens each).
-    scores = sc_ref[...]
+    # Online softmax (the whole block is valid, sinks aside: blocks hold R tokens each).
+    scores = _mask_sinks(sc_ref[...], block, lay)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
@@ -399,7 +414,7 @@ def _tpu_kernel(lengths_ref: Any, *refs_and_scratch: Any, names: Sequence[str],
     def one(sub: Any, carry: Any) -> Any:
         @pl.when(first + sub < n_blocks)
         def _() -> None:
-            _tpu_block(refs, sub, lay, sc_ref, m_ref, l_ref, acc_ref)
+            _tpu_block(refs, sub, lay, sc_ref, m_ref, l_ref, acc_ref, first + sub)
 
         return carry
 
@@ -544,6 +559,7 @@ def _gpu_block(refs: dict[str, Any], blk: Any, lay: _Layout,
                 bias = bias + _fma_dot(q_t, zeros)
             offset += tier.n
         scores = scores + _gpu_tokens(bias, g)
+    scores = _mask_sinks(scores, blk, lay)
 
     m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1))
     alpha = jnp.exp(m_prev - m_new)
@@ -634,13 +650,13 @@ def _merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]
     return merged, jnp.where(total > 0, m_safe + jnp.log(denom), -jnp.inf)
 
 
-def _window_partial(qg: jax.Array, layer: LayerKVCache, lengths: jax.Array,
-                    r: int) -> tuple[jax.Array, jax.Array]:
-    """Attention of qg [B, H, G, D] over the residual window's first lengths % R tokens."""
-    keys = layer.residual_keys.astype(jnp.float32)
-    values = layer.residual_values.astype(jnp.float32)
+def _dense_partial(qg: jax.Array, keys: jax.Array, values: jax.Array,
+                   valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention of qg [B, H, G, D] over full-precision keys / values [B, H, T, D]
+    (the residual window, the sinks); ``valid`` [B, T] marks the tokens that count."""
+    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
     scores = jnp.einsum("bhgd,bhtd->bhgt", qg, keys, precision=_HIGHEST)
-    valid = (jnp.arange(r)[None, :] < (lengths % r)[:, None])[:, None, None, :]
+    valid = valid[:, None, None, :]
     m = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.where(valid, jnp.exp(scores - m_safe[..., None]), 0.0)
@@ -717,9 +733,14 @@ def cached_attention_pallas(
     else:
         out, lse = _call_gpu(inputs, lengths, lay, num_splits=splits, interpret=interpret)
     out, lse = _merge_splits(out[:, :, :, :group], lse[:, :, :, :group])
-    window = Partial(*_window_partial(qg, layer, lengths, config.residual_length))
-    blocks = Partial(out, lse)
-    merged = merge_partials(blocks, window)
+    r = config.residual_length
+    window = Partial(*_dense_partial(qg, layer.residual_keys, layer.residual_values,
+                                     jnp.arange(r)[None, :] < (lengths % r)[:, None]))
+    merged = merge_partials(Partial(out, lse), window)
+    if config.sink_tokens:  # in the sink buffer once the first block is complete
+        in_blocks = jnp.broadcast_to((lengths >= r)[:, None], (b, config.sink_tokens))
+        merged = merge_partials(merged, Partial(*_dense_partial(
+            qg, layer.sink_keys, layer.sink_values, in_blocks)))
     return Partial(merged.out.reshape(b, 1, hq, d), merged.lse.reshape(b, 1, hq))
 
 

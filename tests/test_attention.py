@@ -99,6 +99,19 @@ def _outlier_case(d=64):
     return jnp.asarray(keys, jnp.float32), jnp.asarray(q, jnp.float32)
 
 
+@pytest.mark.parametrize("name", ["kivi2", "mixkvq"])
+def test_sink_tokens_make_an_attention_sink_exact(name):
+    """Token 0 as a real sink (keys aligned with the query, so it draws most of the
+    attention, with an outlier value): keeping it in full precision cuts the error."""
+    rng = np.random.default_rng(11)
+    keys = rng.normal(size=(L, B, 96, H, D))
+    q = jnp.asarray(rng.normal(size=(B, 2, HQ, D)), jnp.float32)
+    keys[:, :, 0] = 3.0 * np.asarray(q[:, 0, ::4])[None]  # sink: aligned with head 0's query
+    keys = jnp.asarray(keys, jnp.float32)
+    errors = {s: _output_error_with(name, keys, q, D, {"sink_tokens": s}) for s in (0, 1)}
+    assert errors[1] < 0.5 * errors[0], errors
+
+
 def test_mixkvq_beats_kivi2_when_the_query_leans_on_outlier_channels():
     keys, q = _outlier_case()
     mix = _output_error("mixkvq", keys, q, head_dim=64)

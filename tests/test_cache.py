@@ -131,10 +131,12 @@ def test_no_retrace_across_300_appends():
     assert cache.lengths.tolist() == [300, 300]
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp32", "int8", "kivi2", "mixkvq"])
-def test_memory_bytes_equals_formula(name):
+@pytest.mark.parametrize("name, overrides", [
+    ("bf16", {}), ("fp32", {}), ("int8", {}), ("kivi2", {}), ("mixkvq", {}),
+    ("kivi2", {"sink_tokens": 4}), ("fp32", {"sink_tokens": 2})])
+def test_memory_bytes_equals_formula(name, overrides):
     for head_dim in (64, 128):
-        cfg = load_kv_config(name, head_dim)
+        cfg = load_kv_config(name, head_dim, **overrides)
         cache = kvc.init_cache(cfg, num_layers=3, batch=2, num_kv_heads=2, max_len=1000)
         assert kvc.memory_bytes(cache) == cfg.cache_bytes(
             num_layers=3, batch=2, num_kv_heads=2, max_len=1000
@@ -181,3 +183,47 @@ def test_bad_shapes_name_the_expected_layout():
         kvc.prefill(cache, k, v, q[..., :3, :])
     with pytest.raises(ValueError, match="max_len must be a positive int"):
         kvc.init_cache(small_config("kivi2"), num_layers=1, batch=1, num_kv_heads=1, max_len=0)
+
+
+# ---- attention sinks ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["kivi2", "mixkvq", "k4v2"])
+@pytest.mark.parametrize("chunks", [(100,), (1, 2, 30, 67), (3, 97)])
+def test_sink_tokens_are_stored_exactly_and_kept_out_of_the_first_block(name, chunks):
+    """The first S tokens land in the sink buffer exactly, however the stream is chunked;
+    the first block's codes and scales do not see them (an outlier there changes
+    nothing), and `dequantize_layer` returns them exactly."""
+    s = 3
+    cfg = small_config(name, sink_tokens=s)
+    k, v, q = random_stream(5, L, B, 100, H, HQ, D)
+    loud_k = k.at[:, :, :s].multiply(100.0)  # sink tokens way outside the block's range
+    loud_v = v.at[:, :, :s].multiply(100.0)
+
+    def stream(keys, values):
+        cache, start = _new(cfg), 0
+        for n in chunks:
+            end = start + n
+            cache = prefill_jit(cache, keys[:, :, start:end], values[:, :, start:end],
+                                q[:, :, start:end])
+            start = end
+        return cache
+
+    quiet, loud = stream(k, v), stream(loud_k, loud_v)
+    np.testing.assert_array_equal(loud.layers.sink_keys, jnp.swapaxes(loud_k[:, :, :s], 2, 3))
+    np.testing.assert_array_equal(loud.layers.sink_values, jnp.swapaxes(loud_v[:, :, :s], 2, 3))
+    blocks = lambda c: [getattr(c.layers, f) for f in kvc.BLOCK_FIELDS]
+    for a, b in zip(jax.tree.leaves(blocks(quiet)), jax.tree.leaves(blocks(loud)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    k_back, v_back = _tokens(loud, loud_k)
+    np.testing.assert_array_equal(k_back[:, :, :s], loud_k[:, :, :s])
+    np.testing.assert_array_equal(v_back[:, :, :s], loud_v[:, :, :s])
+
+
+def test_sink_tokens_wait_in_the_window_until_the_first_block_is_full():
+    cfg = small_config("kivi2", sink_tokens=2)
+    k, v, q = random_stream(6, L, B, 20, H, HQ, D)
+    cache = prefill_jit(_new(cfg), k, v, q, jnp.asarray([20, 1]))
+    # Sequence 1 holds one token: the sink buffer has it, the second slot is still empty.
+    np.testing.assert_array_equal(cache.layers.sink_keys[:, 1, :, 0], k[:, 1, 0])
+    assert not bool(jnp.any(cache.layers.sink_keys[:, 1, :, 1]))
+    k_back, _ = _tokens(cache, k)  # the window (R = 32) still serves every token
+    np.testing.assert_array_equal(k_back[:, 0], k[:, 0])

@@ -29,6 +29,22 @@ def test_mixkvq_preset_bits_and_bytes():
     assert cfg.bytes_per_token == pytest.approx(22 + 7.75 + 0.5 + 16 + 8)
 
 
+def test_sink_tokens_yaml_bytes_and_description(tmp_path):
+    assert load_kv_config("mixkvq", 64).sink_tokens == 1
+    assert load_kv_config("kivi2", 64).sink_tokens == 0  # the KIVI baseline stays as published
+    path = tmp_path / "k2s4.yaml"
+    path.write_text("key: {bits: 2}\nvalue: {bits: 2}\nsink_tokens: 4\n")
+    cfg = load_kv_config(path, 64)
+    plain = load_kv_config(path, 64, sink_tokens=0)
+    # Steady-state bytes per token are unchanged; each sequence and head holds S
+    # full-precision keys and values more.
+    assert cfg.bytes_per_token == plain.bytes_per_token
+    assert cfg.fixed_bytes()["sink_keys_values"] == 2 * 4 * 64 * 2
+    dims = dict(num_layers=2, batch=3, num_kv_heads=2, max_len=256)
+    assert cfg.cache_bytes(**dims) - plain.cache_bytes(**dims) == 2 * 3 * 2 * 2 * 4 * 64 * 2
+    assert "4 sink tokens full" in cfg.describe()
+
+
 def test_uniform_presets_bytes():
     kivi2 = load_kv_config("kivi2", 128)
     assert kivi2.bytes_per_token == 32 + 16 + 32 + 16
@@ -62,6 +78,10 @@ def test_overrides_and_jit_static():
          "value_granularity='per_sequence' is unknown; use one of per_block"),
         (dict(key_channels_full=0, key_channels_int4=64, key_smoothing="yes"),
          "key_smoothing='yes'; use true"),
+        (dict(key_channels_full=0, key_channels_int4=64, sink_tokens=128),
+         r"sink_tokens=128; use an int from 0 to residual_length - 1 = 127"),
+        (dict(key_channels_full=0, key_channels_int4=64, sink_tokens=-1), "sink_tokens=-1"),
+        (dict(key_channels_full=0, key_channels_int4=64, sink_tokens=True), "sink_tokens=True"),
     ],
 )
 def test_invalid_configs(kwargs, message):

@@ -112,6 +112,8 @@ def test_preset_specs_and_default_bins():
     cfg = parse_preset_spec("mixkvq:salience=range_only", 64)
     assert cfg.salience == "range_only" and cfg.name == "mixkvq[range_only]"
     assert parse_preset_spec("kivi2", 64).name == "kivi2"
+    sinks = parse_preset_spec("kivi2:sink_tokens=1", 64)
+    assert sinks.sink_tokens == 1 and sinks.name == "kivi2[sink_tokens=1]"
     assert [b[2] for b in position_bins(4096)] == ["0-512", "512-1k", "1k-2k", "2k-4k"]
     with pytest.raises(UserError, match="unknown KV preset"):
         parse_preset_spec("nope", 64)
@@ -181,6 +183,7 @@ def test_calibration_reproducible_and_within_budget(demo_model, window, tmp_path
 
     loaded = cal.write_outputs(first, tmp_path / "mixkvq_cal2p7.yaml", tmp_path / "log.csv")
     assert loaded.key_channel_counts == first.config.key_channel_counts
+    assert loaded.sink_tokens == first.config.sink_tokens == 1  # from the mixkvq base
     assert load_kv_config(tmp_path / "mixkvq_cal2p7.yaml", 64).name == "mixkvq_cal2p7"
     assert (tmp_path / "log.csv").read_text().startswith("trial,full,int8,int4,int2")
 

@@ -239,7 +239,7 @@ def test_bytes_per_token_by_granularity():
     fixed = load_kv_config("k4v2", 64, key_granularity="per_channel",
                            value_granularity="per_tensor", key_smoothing=True).fixed_bytes()
     assert fixed == {"key_fixed_scales_zeros": 2 * 64 * 2, "value_fixed_scales_zeros": 2 * 2,
-                     "key_mean": 64 * 4}
+                     "key_mean": 64 * 4, "sink_keys_values": 0}
 
 
 @pytest.mark.parametrize("overrides", [dict(key_granularity="per_token"),

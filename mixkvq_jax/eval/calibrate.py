@@ -259,7 +259,9 @@ def preset_yaml(result: CalibrationResult, *, source: str = "") -> str:
         f"{' of ' + source if source else ''}): at head_dim {d} keys full/int8/int4/int2 = "
         f"{full}/{int8}/{int4}/{int2} ({cfg.average_key_bits:.4g} average key bits; "
         f"calibration KL {best['kl']:.5g}). Values {cfg.value_bits}-bit, G={cfg.key_group_size}, "
-        f"R={cfg.residual_length}."
+        f"R={cfg.residual_length}"
+        + (f", first {cfg.sink_tokens} token(s) kept in {cfg.full_dtype} (attention sinks)."
+           if cfg.sink_tokens else ".")
     )
     lines = [
         "# Written by `python -m mixkvq_jax.eval calibrate`; regenerate rather than edit.",
@@ -272,6 +274,7 @@ def preset_yaml(result: CalibrationResult, *, source: str = "") -> str:
         f"salience_base_bits: {cfg.salience_base_bits}",
         f"full_dtype: {cfg.full_dtype}",
         f"scale_dtype: {cfg.scale_dtype}",
+        *([f"sink_tokens: {cfg.sink_tokens}"] if cfg.sink_tokens else []),
     ]
     return "\n".join(lines) + "\n"
 
@@ -289,9 +292,8 @@ def write_outputs(result: CalibrationResult, yaml_path: str | Path, log_path: st
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
     yaml_path.write_text(preset_yaml(result, source=source))
     loaded = load_kv_config(yaml_path, result.config.head_dim)
-    if loaded.key_channel_counts != result.config.key_channel_counts:
-        raise RuntimeError(f"{yaml_path} loads as {loaded.key_channel_counts}, expected "
-                           f"{result.config.key_channel_counts}")
+    if dataclasses.replace(loaded, name=result.config.name) != result.config:
+        raise RuntimeError(f"{yaml_path} loads as {loaded}, expected {result.config}")
     if log_path is not None:
         write_log(result.trials, log_path)
     return loaded

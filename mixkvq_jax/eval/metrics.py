@@ -82,7 +82,8 @@ def parse_preset_spec(spec: str, head_dim: int) -> KVQuantConfig:
     """A preset from ``NAME_OR_YAML[:field=value,field=value]``.
 
     ``mixkvq:salience=range_only`` is the mixkvq preset with range-only salience; the
-    config is named ``mixkvq[range_only]`` (``NAME[v1,v2]`` in general).
+    config is named ``mixkvq[range_only]``: a text value stands alone, others keep their
+    field (``kivi2:sink_tokens=1`` is ``kivi2[sink_tokens=1]``).
     """
     spec = spec.strip()
     if not spec:
@@ -100,7 +101,7 @@ def parse_preset_spec(spec: str, head_dim: int) -> KVQuantConfig:
     except KVConfigError as err:
         raise UserError(str(err)) from None
     if overrides:
-        label = ",".join(str(v) for v in overrides.values())
+        label = ",".join(v if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
         config = dataclasses.replace(config, name=f"{config.name}[{label}]")
     return config
 
@@ -333,6 +334,7 @@ def summarize(scores: PresetScores, edges: Sequence[int] = DEFAULT_BIN_EDGES) ->
         "key_tiers": f"{full}/{i8}/{i4}/{i2}",
         "salience": cfg.salience if cfg.stores_permutation else "-",
         "full_dtype": cfg.full_dtype,
+        "sink_tokens": cfg.sink_tokens,
         "bytes_per_token": round(cfg.bytes_per_token, 2),
         "pct_of_bf16": round(100 * cfg.compression_vs_bf16, 2),
         "positions": len(scores.nll),
