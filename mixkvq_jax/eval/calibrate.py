@@ -17,8 +17,8 @@ point): with ``E = floor((budget - 2) * head_dim)`` bits to spend above all-INT2
 
 So the budget is always spent (more bits never hurt the objective in expectation) and
 ``config.average_key_bits <= budget`` holds by construction. Every other field (value
-bits, group sizes, residual length, salience mode) comes from the base preset
-(``mixkvq``). Same seed -> same trials: the sampler is ``TPESampler(seed=seed)`` and the
+bits, group sizes, residual length, salience mode, sink tokens) comes from the base
+preset (``mixkvq``). Same seed -> same trials: the sampler is ``TPESampler(seed=seed)`` and the
 objective is deterministic (points already evaluated are looked up, not re-run).
 
 CLI::
