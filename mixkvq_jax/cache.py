@@ -371,27 +371,21 @@ def first_chunk_statistics(
             "key_mean": mean}
 
 
-def dequantize_block_keys(
-    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False,
-    stored_order: bool = False,
-) -> jax.Array:
-    """Keys of blocks in float32, channels in original order: [..., S, R, D].
-
-    Args:
-      arrays: the `LayerKVCache` block fields of S blocks ([..., S, ...], e.g. a slice
-        of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
-      smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
-        of the keys.
-      stored_order: return [..., S, D, R], channels in their stored (MixKVQ: per-block
-        salience) order, as the attention's tiles want them; implies ``smoothed``.
-    """
+def dequantize_key_tiers(arrays: Mapping[str, Any], config: KVQuantConfig
+                         ) -> list[jax.Array]:
+    """Keys of blocks in float32, one array per tier (full first, then ``key_tiers``):
+    [..., S, n_t, R], channels in their stored (MixKVQ: per-block salience) order and,
+    under K-smoothing, minus the mean (what the codes hold). ``arrays`` as in
+    `dequantize_block_keys`. The attention contracts each tier on its own (a
+    concatenate of the tiers would be an extra select per element on CPU)."""
     parts = [arrays["key_full"].astype(jnp.float32)] if config.key_channels_full else []
     granularity = config.effective_key_granularity
     for (bits, _), codes, scales, zeros in zip(
         config.key_tiers, arrays["key_codes"], arrays["key_scales"], arrays["key_zeros"],
         strict=True,
     ):
-        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1)
+        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1,
+                                  dtype=jnp.int32)
         if granularity == "per_block":
             parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
         elif granularity == "per_token":  # [..., S, 1, R]: one pair per token
@@ -400,9 +394,22 @@ def dequantize_block_keys(
             along = lambda p: p[..., None, :, None]
             parts.append(quant.dequantize(tier_codes, along(arrays["key_fixed_scales"]),
                                           along(arrays["key_fixed_zeros"]), axis=-1))
+    return parts
+
+
+def dequantize_block_keys(
+    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False
+) -> jax.Array:
+    """Keys of blocks in float32, channels in original order: [..., S, R, D].
+
+    Args:
+      arrays: the `LayerKVCache` block fields of S blocks ([..., S, ...], e.g. a slice
+        of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
+      smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
+        of the keys.
+    """
+    parts = dequantize_key_tiers(arrays, config)
     keys_t = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)  # [.., S, D, R]
-    if stored_order:
-        return keys_t
     if config.stores_permutation:
         inverse = jnp.argsort(arrays["key_permutation"].astype(jnp.int32), axis=-1)
         keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
@@ -417,7 +424,8 @@ def dequantize_block_values(arrays: Mapping[str, Any], config: KVQuantConfig) ->
     `dequantize_block_keys`)."""
     if not config.quantizes_values:
         return arrays["value_codes"].astype(jnp.float32)
-    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim)
+    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim,
+                         dtype=jnp.int32)
     if config.effective_value_granularity in ("per_block", "per_token"):
         # [..., S, R, NG]: groups of channels (per_token: one group of D)
         return quant.dequantize(codes, arrays["value_scales"], arrays["value_zeros"], axis=-1)
