@@ -170,7 +170,9 @@ def history_attention_xla(
         blocks = jax.tree.map(lambda x: x[None], blocks)  # a stack of one (no copy)
         index = jnp.zeros((), jnp.int32)
     else:
-        layer = layer_at(layer, index)  # read for its window, statistics and shapes
+        # Read for its window, statistics and shapes (16-bit floats may come as bits:
+        # `cache.to_bits`).
+        layer = kv_cache.from_bits(layer_at(layer, index), config)
     b, c, _, d = q.shape
     kv_heads, r = layer.residual_keys.shape[1], config.residual_length
     qg = _group_queries(q, kv_heads, scale)  # [B, H, Gq, C, D]
@@ -191,7 +193,7 @@ def history_attention_xla(
                                                              *x.shape[4:]))[0], blocks)
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
-        sl = jax.lax.optimization_barrier(sl)
+        sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
         slot = start + jnp.arange(step)
         valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
         valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
@@ -296,7 +298,7 @@ def cached_attention(
         except ImportError as err:  # kernels not built for this install
             _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
         else:
-            view = layer_at(layer, index)
+            view = kv_cache.from_bits(layer_at(layer, index), config)
             reason = kernels.unsupported_reason(q, view, config)
             if reason is None:
                 return kernels.cached_attention_pallas(

@@ -31,6 +31,7 @@ compiles once per (batch, max_len).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -504,7 +505,7 @@ def update_layer(
       layers (`advance`).
     """
     stacked = layer
-    layer = layer_at(stacked, index)  # only its per-sequence fields are read below
+    layer = from_bits(layer_at(stacked, index), config)  # only per-sequence fields are read
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)
@@ -589,7 +590,8 @@ def update_layer(
         def put(old: jax.Array, upd: jax.Array) -> jax.Array:
             block = jax.lax.dynamic_index_in_dim(
                 jax.lax.dynamic_index_in_dim(upd, s_, 0, keepdims=False), j_, 1,
-                keepdims=True).astype(old.dtype)  # [H, 1, ...]
+                keepdims=True)  # [H, 1, ...]
+            block = _as_stored(block, old.dtype)
             start = (*base, s_, 0, slot, *([0] * (old.ndim - len(base) - 3)))
             size = (*([1] * len(base)), 1, *block.shape)
             current = jax.lax.dynamic_slice(old, start, size)
@@ -602,7 +604,9 @@ def update_layer(
     small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
              "query_abs_sum": abs_sum, "query_count": q_count}
     if index is not None:
-        small = {name: jax.lax.dynamic_update_index_in_dim(getattr(stacked, name), x, index, 0)
+        small = {name: jax.lax.dynamic_update_index_in_dim(
+                     getattr(stacked, name), _as_stored(x, getattr(stacked, name).dtype),
+                     index, 0)
                  for name, x in small.items()}
     return stacked.replace(**blocks, **small)
 
@@ -614,6 +618,53 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.where(pred, a, b)
     bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.where(pred, bits(a), bits(b)), a.dtype)
+
+
+# The 16-bit float fields (``full_dtype`` / ``scale_dtype``); the others are integers
+# or float32.
+_FULL_FIELDS = ("key_full", "residual_keys", "residual_values")
+_SCALE_FIELDS = ("key_scales", "key_zeros", "value_scales", "value_zeros", "key_fixed_scales",
+                 "key_fixed_zeros", "value_fixed_scales", "value_fixed_zeros")
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 bits; other arrays unchanged.
+
+    On CPU the models carry the stacked cache through the layers in this form: XLA:CPU
+    has no 16-bit float dynamic-update-slice (it converts the whole target buffer to
+    float32 and back), while uint16 ones update in place. `update_layer` and the XLA
+    attention accept such a stack (with ``index``) and `from_bits` what they read.
+    """
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def from_bits(arrays: Any, config: KVQuantConfig) -> Any:
+    """Undo `to_bits` on a `LayerKVCache` or a dict of its fields (a no-op on floats)."""
+    full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
+
+    def restore(name: str, x: Any) -> Any:
+        dtype = (full if name in _FULL_FIELDS
+                 or (name == "value_codes" and not config.quantizes_values)
+                 else scale if name in _SCALE_FIELDS else None)
+        if dtype is None:
+            return x
+        return jax.tree.map(lambda a: a if a.dtype == dtype
+                            else jax.lax.bitcast_convert_type(a, dtype), x)
+
+    if isinstance(arrays, LayerKVCache):
+        return arrays.replace(**{f.name: restore(f.name, getattr(arrays, f.name))
+                                 for f in dataclasses.fields(arrays)})
+    return {name: restore(name, x) for name, x in arrays.items()}
+
+
+def _as_stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` (a field's value, in its float dtype) as stored in an array of ``dtype``:
+    its bits when the stack is carried as `to_bits`."""
+    if dtype == jnp.uint16 and jnp.issubdtype(x.dtype, jnp.floating):
+        return to_bits(x)
+    return x.astype(dtype)
 
 
 def layer_at(stacked: LayerKVCache, index: jax.Array | None) -> LayerKVCache:
