@@ -118,26 +118,33 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuantConfig
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Blocks ([B, H, S, ...] `LayerKVCache` block fields) -> float32 keys [B, H, S, D, R]
-    in *stored* channel order (MixKVQ: each block's salience order; under K-smoothing,
-    keys minus their mean) and values [B, H, S, R, D]."""
+                    ) -> tuple[list[jax.Array], jax.Array]:
+    """Blocks ([B, H, S, ...] `LayerKVCache` block fields) -> float32 keys, one
+    [B, H, S, n_t, R] per tier in *stored* channel order (MixKVQ: each block's salience
+    order; under K-smoothing, keys minus their mean), and values [B, H, S, R, D]."""
     arrays = {**blocks, **kv_cache.fixed_arrays(layer)}
-    keys = kv_cache.dequantize_block_keys(arrays, config, stored_order=True)
+    keys = kv_cache.dequantize_key_tiers(arrays, config)
     return keys, kv_cache.dequantize_block_values(arrays, config)
 
 
-def block_scores(q: jax.Array, keys: jax.Array, blocks: dict[str, Any],
+def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
                  config: KVQuantConfig) -> jax.Array:
-    """Scores of query rows q [B, H, M, D] against a dequantized key tile [B, H, S, D, R]
-    (stored channel order): [B, H, M, S, R]."""
-    if not config.stores_permutation:
-        return _dot("bhmd,bhsdr->bhmsr", q, keys)
-    # MixKVQ: the query follows each block's channel permutation (a [B, H, M, S, D]
-    # gather, tiny next to the tile), so the keys are used in their stored order.
-    perm = blocks["key_permutation"].astype(jnp.int32)  # [B, H, S, D]
-    qp = jnp.take_along_axis(q[:, :, :, None], perm[:, :, None], axis=-1)
-    return _dot("bhmsd,bhsdr->bhmsr", qp, keys)
+    """Scores of query rows q [B, H, M, D] against dequantized key tiers, each
+    [B, H, S, n_t, R] (stored channel order, tiers in order): [B, H, M, S, R]."""
+    spec = "bhmd,bhsdr->bhmsr"
+    if config.stores_permutation:
+        # MixKVQ: the query follows each block's channel permutation (a [B, H, S, M, D]
+        # gather, tiny next to the tile), so the keys are used in their stored order.
+        # Blocks lead as batch axes, as the CPU dot kernels want them.
+        perm = blocks["key_permutation"].astype(jnp.int32)  # [B, H, S, D]
+        q = jnp.take_along_axis(q[:, :, None], perm[:, :, :, None], axis=-1)
+        spec = "bhsmd,bhsdr->bhsmr"
+    scores, offset = None, 0
+    for tier in keys:  # one dot per tier: no concatenated tile
+        n = tier.shape[-2]
+        part = _dot(spec, q[..., offset:offset + n], tier)
+        scores, offset = part if scores is None else scores + part, offset + n
+    return scores.transpose(0, 1, 3, 2, 4) if config.stores_permutation else scores
 
 
 def history_attention_xla(
@@ -163,7 +170,9 @@ def history_attention_xla(
         blocks = jax.tree.map(lambda x: x[None], blocks)  # a stack of one (no copy)
         index = jnp.zeros((), jnp.int32)
     else:
-        layer = layer_at(layer, index)  # read for its window, statistics and shapes
+        # Read for its window, statistics and shapes (16-bit floats may come as bits:
+        # `cache.to_bits`).
+        layer = kv_cache.from_bits(layer_at(layer, index), config)
     b, c, _, d = q.shape
     kv_heads, r = layer.residual_keys.shape[1], config.residual_length
     qg = _group_queries(q, kv_heads, scale)  # [B, H, Gq, C, D]
@@ -184,7 +193,7 @@ def history_attention_xla(
                                                              *x.shape[4:]))[0], blocks)
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
-        sl = jax.lax.optimization_barrier(sl)
+        sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
         slot = start + jnp.arange(step)
         valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
         valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
@@ -197,7 +206,9 @@ def history_attention_xla(
             scores = scores + key_mean_scores
         return _online_update(
             carry, scores, valid,
-            lambda p: _dot("bhmsr,bhsrd->bhmd", p.reshape(b, kv_heads, m, step, r), values),
+            # One contracting axis over the tile's tokens (with two, s and r, XLA:CPU
+            # transposes the value tile before the dot).
+            lambda p: _dot("bhmt,bhtd->bhmd", p, values.reshape(b, kv_heads, step * r, d)),
         )
 
     carry = _empty_carry(qm)
@@ -296,7 +307,7 @@ def cached_attention(
         except ImportError as err:  # kernels not built for this install
             _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
         else:
-            view = layer_at(layer, index)
+            view = kv_cache.from_bits(layer_at(layer, index), config)
             reason = kernels.unsupported_reason(q, view, config)
             if reason is None:
                 return kernels.cached_attention_pallas(

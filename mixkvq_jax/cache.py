@@ -36,6 +36,7 @@ compiles once per (batch, max_len).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -386,27 +387,21 @@ def first_chunk_statistics(
             "key_mean": mean}
 
 
-def dequantize_block_keys(
-    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False,
-    stored_order: bool = False,
-) -> jax.Array:
-    """Keys of blocks in float32, channels in original order: [..., S, R, D].
-
-    Args:
-      arrays: the `LayerKVCache` block fields of S blocks ([..., S, ...], e.g. a slice
-        of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
-      smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
-        of the keys.
-      stored_order: return [..., S, D, R], channels in their stored (MixKVQ: per-block
-        salience) order, as the attention's tiles want them; implies ``smoothed``.
-    """
+def dequantize_key_tiers(arrays: Mapping[str, Any], config: KVQuantConfig
+                         ) -> list[jax.Array]:
+    """Keys of blocks in float32, one array per tier (full first, then ``key_tiers``):
+    [..., S, n_t, R], channels in their stored (MixKVQ: per-block salience) order and,
+    under K-smoothing, minus the mean (what the codes hold). ``arrays`` as in
+    `dequantize_block_keys`. The attention contracts each tier on its own (a
+    concatenate of the tiers would be an extra select per element on CPU)."""
     parts = [arrays["key_full"].astype(jnp.float32)] if config.key_channels_full else []
     granularity = config.effective_key_granularity
     for (bits, _), codes, scales, zeros in zip(
         config.key_tiers, arrays["key_codes"], arrays["key_scales"], arrays["key_zeros"],
         strict=True,
     ):
-        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1)
+        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1,
+                                  dtype=jnp.int32)
         if granularity == "per_block":
             parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
         elif granularity == "per_token":  # [..., S, 1, R]: one pair per token
@@ -415,9 +410,22 @@ def dequantize_block_keys(
             along = lambda p: p[..., None, :, None]
             parts.append(quant.dequantize(tier_codes, along(arrays["key_fixed_scales"]),
                                           along(arrays["key_fixed_zeros"]), axis=-1))
+    return parts
+
+
+def dequantize_block_keys(
+    arrays: Mapping[str, Any], config: KVQuantConfig, *, smoothed: bool = False
+) -> jax.Array:
+    """Keys of blocks in float32, channels in original order: [..., S, R, D].
+
+    Args:
+      arrays: the `LayerKVCache` block fields of S blocks ([..., S, ...], e.g. a slice
+        of the slots) and the sequences' `FIXED_FIELDS` ([..., P]).
+      smoothed: under K-smoothing, return ``keys - mean`` (what the codes hold) instead
+        of the keys.
+    """
+    parts = dequantize_key_tiers(arrays, config)
     keys_t = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)  # [.., S, D, R]
-    if stored_order:
-        return keys_t
     if config.stores_permutation:
         inverse = jnp.argsort(arrays["key_permutation"].astype(jnp.int32), axis=-1)
         keys_t = jnp.take_along_axis(keys_t, inverse[..., :, None], axis=-2)
@@ -432,7 +440,8 @@ def dequantize_block_values(arrays: Mapping[str, Any], config: KVQuantConfig) ->
     `dequantize_block_keys`)."""
     if not config.quantizes_values:
         return arrays["value_codes"].astype(jnp.float32)
-    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim)
+    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim,
+                         dtype=jnp.int32)
     if config.effective_value_granularity in ("per_block", "per_token"):
         # [..., S, R, NG]: groups of channels (per_token: one group of D)
         return quant.dequantize(codes, arrays["value_scales"], arrays["value_zeros"], axis=-1)
@@ -517,7 +526,7 @@ def update_layer(
       layers (`advance`).
     """
     stacked = layer
-    layer = layer_at(stacked, index)  # only its per-sequence fields are read below
+    layer = from_bits(layer_at(stacked, index), config)  # only per-sequence fields are read
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)
@@ -611,7 +620,8 @@ def update_layer(
         def put(old: jax.Array, upd: jax.Array) -> jax.Array:
             block = jax.lax.dynamic_index_in_dim(
                 jax.lax.dynamic_index_in_dim(upd, s_, 0, keepdims=False), j_, 1,
-                keepdims=True).astype(old.dtype)  # [H, 1, ...]
+                keepdims=True)  # [H, 1, ...]
+            block = _as_stored(block, old.dtype)
             start = (*base, s_, 0, slot, *([0] * (old.ndim - len(base) - 3)))
             size = (*([1] * len(base)), 1, *block.shape)
             current = jax.lax.dynamic_slice(old, start, size)
@@ -627,7 +637,9 @@ def update_layer(
         small["sink_keys"] = _write_sinks(layer.sink_keys, keys, lengths, counts)
         small["sink_values"] = _write_sinks(layer.sink_values, values, lengths, counts)
     if index is not None:
-        small = {name: jax.lax.dynamic_update_index_in_dim(getattr(stacked, name), x, index, 0)
+        small = {name: jax.lax.dynamic_update_index_in_dim(
+                     getattr(stacked, name), _as_stored(x, getattr(stacked, name).dtype),
+                     index, 0)
                  for name, x in small.items()}
     return stacked.replace(**blocks, **small)
 
@@ -651,6 +663,53 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.where(pred, a, b)
     bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.where(pred, bits(a), bits(b)), a.dtype)
+
+
+# The 16-bit float fields (``full_dtype`` / ``scale_dtype``); the others are integers
+# or float32.
+_FULL_FIELDS = ("key_full", "residual_keys", "residual_values")
+_SCALE_FIELDS = ("key_scales", "key_zeros", "value_scales", "value_zeros", "key_fixed_scales",
+                 "key_fixed_zeros", "value_fixed_scales", "value_fixed_zeros")
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 bits; other arrays unchanged.
+
+    On CPU the models carry the stacked cache through the layers in this form: XLA:CPU
+    has no 16-bit float dynamic-update-slice (it converts the whole target buffer to
+    float32 and back), while uint16 ones update in place. `update_layer` and the XLA
+    attention accept such a stack (with ``index``) and `from_bits` what they read.
+    """
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def from_bits(arrays: Any, config: KVQuantConfig) -> Any:
+    """Undo `to_bits` on a `LayerKVCache` or a dict of its fields (a no-op on floats)."""
+    full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
+
+    def restore(name: str, x: Any) -> Any:
+        dtype = (full if name in _FULL_FIELDS
+                 or (name == "value_codes" and not config.quantizes_values)
+                 else scale if name in _SCALE_FIELDS else None)
+        if dtype is None:
+            return x
+        return jax.tree.map(lambda a: a if a.dtype == dtype
+                            else jax.lax.bitcast_convert_type(a, dtype), x)
+
+    if isinstance(arrays, LayerKVCache):
+        return arrays.replace(**{f.name: restore(f.name, getattr(arrays, f.name))
+                                 for f in dataclasses.fields(arrays)})
+    return {name: restore(name, x) for name, x in arrays.items()}
+
+
+def _as_stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` (a field's value, in its float dtype) as stored in an array of ``dtype``:
+    its bits when the stack is carried as `to_bits`."""
+    if dtype == jnp.uint16 and jnp.issubdtype(x.dtype, jnp.floating):
+        return to_bits(x)
+    return x.astype(dtype)
 
 
 def layer_at(stacked: LayerKVCache, index: jax.Array | None) -> LayerKVCache:

@@ -177,15 +177,21 @@ def pack(codes: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
 
 
 def unpack(
-    words: jax.Array, bits: int, *, length: int | None = None, axis: int = -1
+    words: jax.Array, bits: int, *, length: int | None = None, axis: int = -1,
+    dtype: jnp.dtype = jnp.uint8,
 ) -> jax.Array:
-    """Inverse of `pack`: uint32 words -> uint8 codes along ``axis`` (``length`` codes)."""
+    """Inverse of `pack`: uint32 words -> codes along ``axis`` (``length`` codes), as
+    ``dtype`` (uint8; dequantization asks for int32, which converts to float in one
+    instruction on CPU)."""
     k = codes_per_word(bits)
-    w = jnp.moveaxis(words, axis, -1).astype(jnp.uint32)
+    # Shifts and masks on int32 (the bits reinterpreted; the mask drops sign bits):
+    # uint32 -> float has no single x86 (AVX2) instruction, int32 -> float has.
+    w = jax.lax.bitcast_convert_type(jnp.moveaxis(words, axis, -1).astype(jnp.uint32),
+                                     jnp.int32)
     # Planar layout: slab j (bits j*b..) of every word holds codes j*W..(j+1)*W-1, so one
     # broadcast shift gives [..., slabs, W], already in order (no concatenate).
-    shifts = (jnp.arange(k, dtype=jnp.uint32) * bits)[:, None]
-    codes = ((w[..., None, :] >> shifts) & jnp.uint32(2**bits - 1)).astype(jnp.uint8)
+    shifts = (jnp.arange(k, dtype=jnp.int32) * bits)[:, None]
+    codes = ((w[..., None, :] >> shifts) & (2**bits - 1)).astype(dtype)
     codes = codes.reshape(*w.shape[:-1], k * w.shape[-1])
     if length is not None:
         codes = codes[..., :length]

@@ -94,24 +94,26 @@ class CausalLM(nnx.Module):
             h, stacked = carry
             layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            if stacked is None or in_place:
-                # The layer reads and updates its slice of the stacked cache in place
-                # (index i): no per-layer copy of the cache goes in or out of the layer.
-                h, stacked = layer(h, rope, functools.partial(attend, index=i), stacked)
-                return (h, stacked), None
-            # A copy of layer i in, the updated copy written back (see `_in_place`).
-            from mixkvq_jax.cache import layer_at
-
-            h, view = layer(h, rope, functools.partial(attend, index=None), layer_at(stacked, i))
-            stacked = jax.tree.map(
-                lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), i, 0),
-                stacked, view)
+            # The layer reads and updates its slice of the stacked cache in place
+            # (index i): no per-layer copy of the cache goes in or out of the layer.
+            h, stacked = layer(h, rope, functools.partial(attend, index=i), stacked)
             return (h, stacked), None
 
-        in_place = caches is not None and _in_place(caches)
+        # On CPU the stack rides the scan with its 16-bit floats as bits (`cache.to_bits`):
+        # XLA:CPU would update a 16-bit float stack by converting all of it, every layer.
+        bits = caches is not None and jax.default_backend() == "cpu"
+        if bits:
+            from mixkvq_jax.cache import to_bits
+
+            dtypes = jax.tree.map(lambda a: a.dtype, caches)
+            caches = jax.tree.map(to_bits, caches)
 
         indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x, caches), _ = jax.lax.scan(body, (x, caches), (state, indices))
+        if bits:
+            caches = jax.tree.map(
+                lambda a, t: a if a.dtype == t else jax.lax.bitcast_convert_type(a, t),
+                caches, dtypes)
         return x, caches
 
     def logits(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
@@ -184,20 +186,6 @@ class CausalLM(nnx.Module):
 
         x, _ = self._run_layers(self.embed(tokens), rope, attend, None)
         return self.logits(x)
-
-
-def _in_place(caches: Any) -> bool:
-    """Whether layers update the stacked cache in place (else a per-layer copy).
-
-    In place is right everywhere except for 16-bit float cache arrays on CPU: XLA:CPU
-    has no 16-bit float dynamic-update-slice and rewrites each one into float32
-    converts of its whole target, which for a stack is every layer's data, at every
-    layer. A per-layer copy then costs less (2 x one layer per layer).
-    """
-    if jax.default_backend() != "cpu":
-        return True
-    return not any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
-                   and x.size > 0 for x in jax.tree.leaves(caches))
 
 
 @functools.lru_cache(maxsize=64)
