@@ -667,7 +667,7 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
 # The 16-bit float fields (``full_dtype`` / ``scale_dtype``); the others are integers
 # or float32.
-_FULL_FIELDS = ("key_full", "residual_keys", "residual_values")
+_FULL_FIELDS = ("key_full", "residual_keys", "residual_values", "sink_keys", "sink_values")
 _SCALE_FIELDS = ("key_scales", "key_zeros", "value_scales", "value_zeros", "key_fixed_scales",
                  "key_fixed_zeros", "value_fixed_scales", "value_fixed_zeros")
 

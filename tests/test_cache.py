@@ -227,3 +227,18 @@ def test_sink_tokens_wait_in_the_window_until_the_first_block_is_full():
     assert not bool(jnp.any(cache.layers.sink_keys[:, 1, :, 1]))
     k_back, _ = _tokens(cache, k)  # the window (R = 32) still serves every token
     np.testing.assert_array_equal(k_back[:, 0], k[:, 0])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("mixkvq", {}), ("bf16", {"sink_tokens": 2}),
+    ("k4v2", {"key_granularity": "per_channel", "value_granularity": "per_tensor"})])
+def test_bits_round_trip_restores_every_field(name, overrides):
+    """The CPU layer scan carries 16-bit floats as uint16 bits: `from_bits` must know
+    every such field (a new 16-bit field missing from it would be read as integers)."""
+    cfg = small_config(name, full_dtype="bfloat16", scale_dtype="bfloat16", **overrides)
+    layer = kvc.init_layer(cfg, batch=1, num_kv_heads=1, max_len=64)
+    back = kvc.from_bits(jax.tree.map(kvc.to_bits, layer), cfg)
+    for field in layer.__dataclass_fields__:
+        for a, b in zip(jax.tree.leaves(getattr(layer, field)),
+                        jax.tree.leaves(getattr(back, field)), strict=True):
+            assert a.dtype == b.dtype, field
