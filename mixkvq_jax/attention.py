@@ -147,6 +147,16 @@ def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
     return scores.transpose(0, 1, 3, 2, 4) if config.stores_permutation else scores
 
 
+def _dense_update(carry: _Carry, qm: jax.Array, keys: jax.Array, values: jax.Array,
+                  valid: jax.Array) -> _Carry:
+    """Fold full-precision tokens in (the residual window, the sinks): qm [B, H, M, D],
+    keys / values [B, H, T, D], ``valid`` [B, T] (or [B, 1]) marks the tokens that count."""
+    return _online_update(
+        carry, _dot("bhmd,bhtd->bhmt", qm, _f32(keys)), valid[:, None, None, :],
+        lambda p: _dot("bhmt,bhtd->bhmd", p, _f32(values)),
+    )
+
+
 def history_attention_xla(
     q: jax.Array,
     layer: LayerKVCache,
@@ -215,18 +225,10 @@ def history_attention_xla(
     n_steps = (jnp.max(n_blocks) + step - 1) // step
     carry = jax.lax.fori_loop(0, n_steps, body, carry)
     if config.sink_tokens:  # exact sinks, once they have left the window for a block
-        carry = _online_update(
-            carry, _dot("bhmd,bhsd->bhms", qm, _f32(layer.sink_keys)),
-            (n_blocks > 0)[:, None, None, None],
-            lambda p: _dot("bhms,bhsd->bhmd", p, _f32(layer.sink_values)),
-        )
-
+        carry = _dense_update(carry, qm, layer.sink_keys, layer.sink_values,
+                              (n_blocks > 0)[:, None])
     window_valid = jnp.arange(r)[None, :] < (lengths % r)[:, None]
-    carry = _online_update(
-        carry, _dot("bhmd,bhtd->bhmt", qm, _f32(layer.residual_keys)),
-        window_valid[:, None, None, :],
-        lambda p: _dot("bhmt,bhtd->bhmd", p, _f32(layer.residual_values)),
-    )
+    carry = _dense_update(carry, qm, layer.residual_keys, layer.residual_values, window_valid)
     shape = (b, kv_heads, gq, c)
     return _finish(_Carry(carry.max.reshape(shape), carry.sum.reshape(shape),
                           carry.acc.reshape(*shape, d)))
