@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mixkvq_jax.config import PRESET_DIR  # noqa: E402
-from mixkvq_jax.errors import UserError  # noqa: E402
+from mixkvq_jax.errors import UserError, run_cli  # noqa: E402
 from mixkvq_jax.eval import calibrate as cal  # noqa: E402
 from mixkvq_jax.eval import metrics as m  # noqa: E402
 from mixkvq_jax.eval import report as rep  # noqa: E402
@@ -64,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="fidelity_smollm2")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from mixkvq_jax.errors import UserError
+from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.models import ModelConfig, init_params
 
 TRAINING_TEXT = """\
@@ -140,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="store weights as bfloat16")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = write_demo_checkpoint(args.out, seed=args.seed, bf16=args.bf16,
                                     overwrite=args.force)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote a random (gibberish-output) Llama checkpoint to {out}")
-    return 0
+        print(f"wrote a random (gibberish-output) Llama checkpoint to {out}")
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":
