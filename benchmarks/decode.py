@@ -6,7 +6,8 @@ For each preset x context x batch, in one run:
   (compile excluded, measured at batch 1; larger batches reuse that cache, tiled);
 * decode tokens/s: the median over ``--steps`` timed steps after ``--warmup`` steps of
   one jitted, cache-donating decode step (model forward + greedy pick), and its ratio to
-  the *fastest* full-precision cache (fp32 or bf16) at the same context and batch;
+  the *fastest* full-precision cache (fp32 or bf16) at the same context and batch; on CPU
+  the cache is held in `cache.bits_form` throughout, as `generate` holds it;
 * compile time of that decode step, reported apart;
 * KV-cache bytes (of the actual pytree) and the ratio to what a bf16 cache of the same
   capacity holds, and the bytes each further token adds (all layers; scales, zero points
@@ -254,6 +255,8 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
         prompt = jnp.asarray(rng.integers(0, config.vocab_size, (1, context)), jnp.int32)
         base = kvc.init_cache(kv, num_layers=config.num_layers, batch=1,
                               num_kv_heads=config.num_kv_heads, max_len=capacity)
+        if jax.default_backend() == "cpu":  # as `generate` runs it: no per-step conversions
+            base = kvc.bits_form(base)
         base, prefill_s = _prefill(steps, params, base, prompt, args.chunk, config, args.impl)
         for batch in sorted(args.batch):
             cache = _tile_batch(base, batch)
@@ -296,9 +299,9 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
         for n in LAYER_COUNTS:
             cfg = dataclasses.replace(config, num_layers=n)
             abstract_params = jax.eval_shape(lambda c=cfg: init_params(c, dtype=args.dtype))
-            abstract_cache = jax.eval_shape(lambda c=cfg: kvc.init_cache(
+            abstract_cache = jax.eval_shape(lambda c=cfg: kvc.bits_form(kvc.init_cache(
                 kv, num_layers=c.num_layers, batch=1, num_kv_heads=c.num_kv_heads,
-                max_len=min(args.contexts) + args.steps))
+                max_len=min(args.contexts) + args.steps)))
             tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
             _, layer_compile[n] = _compile(steps["decode_step"], abstract_params, abstract_cache,
                                            tokens, config=cfg, impl=args.impl)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mixkvq_jax import cache as kv_cache
+from mixkvq_jax import quant
 from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, layer_at, update_layer
 from mixkvq_jax.config import KVQuantConfig
 
@@ -117,20 +118,25 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HIGHEST)
 
 
-def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuantConfig
+def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuantConfig,
+                    *, keys_word_major: bool = False, values_word_major: bool = False
                     ) -> tuple[list[jax.Array], jax.Array]:
     """Blocks ([B, H, S, ...] `LayerKVCache` block fields) -> float32 keys, one
     [B, H, S, n_t, R] per tier in *stored* channel order (MixKVQ: each block's salience
-    order; under K-smoothing, keys minus their mean), and values [B, H, S, R, D]."""
+    order; under K-smoothing, keys minus their mean), and values [B, H, S, R, D].
+    ``*_word_major``: quantized tiers' tokens / quantized values' channels in
+    `quant.unpack_word_major` order (see `cache.dequantize_key_tiers`)."""
     arrays = {**blocks, **kv_cache.fixed_arrays(layer)}
-    keys = kv_cache.dequantize_key_tiers(arrays, config)
-    return keys, kv_cache.dequantize_block_values(arrays, config)
+    keys = kv_cache.dequantize_key_tiers(arrays, config, word_major=keys_word_major)
+    return keys, kv_cache.dequantize_block_values(arrays, config,
+                                                  word_major=values_word_major)
 
 
 def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
-                 config: KVQuantConfig) -> jax.Array:
+                 config: KVQuantConfig, *, word_major: bool = False) -> jax.Array:
     """Scores of query rows q [B, H, M, D] against dequantized key tiers, each
-    [B, H, S, n_t, R] (stored channel order, tiers in order): [B, H, M, S, R]."""
+    [B, H, S, n_t, R] (stored channel order, tiers in order): [B, H, M, S, R], tokens
+    in natural order (``word_major`` tiers are reordered here, on the scores)."""
     spec = "bhmd,bhsdr->bhmsr"
     if config.stores_permutation:
         # MixKVQ: the query follows each block's channel permutation (a [B, H, S, M, D]
@@ -139,10 +145,13 @@ def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
         perm = blocks["key_permutation"].astype(jnp.int32)  # [B, H, S, D]
         q = jnp.take_along_axis(q[:, :, None], perm[:, :, :, None], axis=-1)
         spec = "bhsmd,bhsdr->bhsmr"
+    bits = [None] * (len(keys) - len(config.key_tiers)) + [b for b, _ in config.key_tiers]
     scores, offset = None, 0
-    for tier in keys:  # one dot per tier: no concatenated tile
+    for tier, tier_bits in zip(keys, bits, strict=True):  # one dot per tier: no concatenate
         n = tier.shape[-2]
         part = _dot(spec, q[..., offset:offset + n], tier)
+        if word_major and tier_bits is not None:
+            part = quant.natural_order(part, tier_bits)
         scores, offset = part if scores is None else scores + part, offset + n
     return scores.transpose(0, 1, 3, 2, 4) if config.stores_permutation else scores
 
@@ -192,6 +201,13 @@ def history_attention_xla(
     n_slots = blocks["key_full"].shape[3]
     step = max(1, min(blocks_per_step or BLOCKS_PER_STEP, n_slots))
     n_blocks = lengths // r  # [B]
+    # Codes unpacked word-major where that is faster (`quant.unpack_word_major`; measured
+    # on CPU): values, and MixKVQ's key tiers, contracted block by block. The scores are
+    # reordered per tier, the values' channel order is undone on the output after the
+    # loop. Single-tier keys are contracted as one [D, S * R] tile (XLA transposes it),
+    # which XLA:CPU builds faster from the shift-and-mask unpack.
+    keys_word_major = config.stores_permutation and kv_cache.packs_evenly(config, "keys")
+    values_word_major = kv_cache.packs_evenly(config, "values")
     if config.smooths_keys:
         key_mean_scores = _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))[..., None]
 
@@ -210,8 +226,10 @@ def history_attention_xla(
         if config.sink_tokens:  # sink rows of the first block: read from the sink buffer
             position = (start * r + jnp.arange(step * r))[None, None, None, :]
             valid = valid & (position >= config.sink_tokens)
-        keys, values = dequantize_tile(sl, layer, config)
-        scores = block_scores(qm, keys, sl, config).reshape(b, kv_heads, m, step * r)
+        keys, values = dequantize_tile(sl, layer, config, keys_word_major=keys_word_major,
+                                       values_word_major=values_word_major)
+        scores = block_scores(qm, keys, sl, config, word_major=keys_word_major).reshape(
+            b, kv_heads, m, step * r)
         if config.smooths_keys:  # the blocks hold k - mean: add q . mean back (exact)
             scores = scores + key_mean_scores
         return _online_update(
@@ -224,6 +242,8 @@ def history_attention_xla(
     carry = _empty_carry(qm)
     n_steps = (jnp.max(n_blocks) + step - 1) // step
     carry = jax.lax.fori_loop(0, n_steps, body, carry)
+    if values_word_major:
+        carry = carry._replace(acc=quant.natural_order(carry.acc, config.value_bits))
     if config.sink_tokens:  # exact sinks, once they have left the window for a block
         carry = _dense_update(carry, qm, layer.sink_keys, layer.sink_values,
                               (n_blocks > 0)[:, None])

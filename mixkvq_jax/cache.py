@@ -387,30 +387,50 @@ def first_chunk_statistics(
             "key_mean": mean}
 
 
-def dequantize_key_tiers(arrays: Mapping[str, Any], config: KVQuantConfig
-                         ) -> list[jax.Array]:
+def dequantize_key_tiers(arrays: Mapping[str, Any], config: KVQuantConfig, *,
+                         word_major: bool = False) -> list[jax.Array]:
     """Keys of blocks in float32, one array per tier (full first, then ``key_tiers``):
     [..., S, n_t, R], channels in their stored (MixKVQ: per-block salience) order and,
     under K-smoothing, minus the mean (what the codes hold). ``arrays`` as in
     `dequantize_block_keys`. The attention contracts each tier on its own (a
-    concatenate of the tiers would be an extra select per element on CPU)."""
+    concatenate of the tiers would be an extra select per element on CPU).
+
+    With ``word_major`` the tokens of each block of a quantized tier come in the order
+    of `quant.unpack_word_major` (``quant.natural_order(x, bits)`` restores it); the
+    full-precision tier stays in natural order.
+    """
     parts = [arrays["key_full"].astype(jnp.float32)] if config.key_channels_full else []
     granularity = config.effective_key_granularity
+    r = config.residual_length
     for (bits, _), codes, scales, zeros in zip(
         config.key_tiers, arrays["key_codes"], arrays["key_scales"], arrays["key_zeros"],
         strict=True,
     ):
-        tier_codes = quant.unpack(codes, bits, length=config.residual_length, axis=-1,
-                                  dtype=jnp.int32)
-        if granularity == "per_block":
-            parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-1))
-        elif granularity == "per_token":  # [..., S, 1, R]: one pair per token
-            parts.append(quant.dequantize(tier_codes, scales, zeros, axis=-2))
-        else:  # fixed [..., D | 1] -> [..., 1, D | 1, 1]: along channels, for every block
+        if granularity in ("per_block", "per_token"):
+            # per_block: [..., S, n_t, R / G] groups of tokens; per_token [..., S, 1, R]
+            pair = scales, zeros
+        else:  # fixed [..., D | 1] -> [..., 1, D | 1, 1]: one group per channel and block
             along = lambda p: p[..., None, :, None]
-            parts.append(quant.dequantize(tier_codes, along(arrays["key_fixed_scales"]),
-                                          along(arrays["key_fixed_zeros"]), axis=-1))
+            pair = along(arrays["key_fixed_scales"]), along(arrays["key_fixed_zeros"])
+        if word_major:
+            tier = quant.dequantize_word_major(quant.unpack_word_major(codes, bits), *pair,
+                                               bits)
+            parts.append(tier.reshape(*tier.shape[:-2], r))
+        else:
+            tier_codes = quant.unpack(codes, bits, length=r, axis=-1, dtype=jnp.int32)
+            parts.append(quant.dequantize(tier_codes, *pair, axis=-1))
     return parts
+
+
+def packs_evenly(config: KVQuantConfig, part: str) -> bool:
+    """Whether ``part`` (``"keys"`` / ``"values"``) is quantized and its packed axis
+    fills whole words (R tokens for every key tier, D channels for values): what
+    word-major unpacking (`quant.unpack_word_major`) needs."""
+    if part == "keys":
+        return bool(config.key_tiers) and all(
+            config.residual_length % quant.codes_per_word(b) == 0 for b, _ in config.key_tiers)
+    return config.quantizes_values and config.head_dim % quant.codes_per_word(
+        config.value_bits) == 0
 
 
 def dequantize_block_keys(
@@ -435,19 +455,27 @@ def dequantize_block_keys(
     return keys
 
 
-def dequantize_block_values(arrays: Mapping[str, Any], config: KVQuantConfig) -> jax.Array:
+def dequantize_block_values(arrays: Mapping[str, Any], config: KVQuantConfig, *,
+                            word_major: bool = False) -> jax.Array:
     """Values of blocks in float32: [..., S, R, D] (``arrays`` as in
-    `dequantize_block_keys`)."""
+    `dequantize_block_keys`). With ``word_major`` quantized values come with their
+    channels in the order of `quant.unpack_word_major` (``quant.natural_order(x,
+    config.value_bits)`` restores it); unquantized ones are always in natural order."""
     if not config.quantizes_values:
         return arrays["value_codes"].astype(jnp.float32)
-    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim,
-                         dtype=jnp.int32)
     if config.effective_value_granularity in ("per_block", "per_token"):
         # [..., S, R, NG]: groups of channels (per_token: one group of D)
-        return quant.dequantize(codes, arrays["value_scales"], arrays["value_zeros"], axis=-1)
-    along = lambda p: p[..., None, None, :]  # fixed [..., D | 1] -> [..., 1, 1, D | 1]
-    return quant.dequantize(codes, along(arrays["value_fixed_scales"]),
-                            along(arrays["value_fixed_zeros"]), axis=-1)
+        pair = arrays["value_scales"], arrays["value_zeros"]
+    else:  # fixed [..., D | 1] -> [..., 1, 1, D | 1]
+        along = lambda p: p[..., None, None, :]
+        pair = along(arrays["value_fixed_scales"]), along(arrays["value_fixed_zeros"])
+    if word_major:
+        words = quant.unpack_word_major(arrays["value_codes"], config.value_bits)
+        values = quant.dequantize_word_major(words, *pair, config.value_bits)
+        return values.reshape(*values.shape[:-2], config.head_dim)
+    codes = quant.unpack(arrays["value_codes"], config.value_bits, length=config.head_dim,
+                         dtype=jnp.int32)
+    return quant.dequantize(codes, *pair, axis=-1)
 
 
 def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.Array, jax.Array]:
@@ -702,6 +730,25 @@ def from_bits(arrays: Any, config: KVQuantConfig) -> Any:
         return arrays.replace(**{f.name: restore(f.name, getattr(arrays, f.name))
                                  for f in dataclasses.fields(arrays)})
     return {name: restore(name, x) for name, x in arrays.items()}
+
+
+def bits_form(cache: QuantizedKVCache) -> QuantizedKVCache:
+    """The cache with its 16-bit float arrays held as uint16 bits (`to_bits`).
+
+    The models carry the stack through their layer scan in this form on CPU. A cache
+    passed in float form is converted on the way in and back on the way out of every
+    forward call: for a decode step that is two copies of every 16-bit array of the
+    cache (residual windows, scales; the whole history for a bf16 cache). Decode loops
+    on CPU (`generate.run_generation`, ``benchmarks/decode.py``) therefore keep the
+    cache in bits form between steps; the models, `update_layer` and the attention
+    accept it as is. `float_form` undoes it (e.g. before `dequantize`).
+    """
+    return cache.replace(layers=jax.tree.map(to_bits, cache.layers))
+
+
+def float_form(cache: QuantizedKVCache) -> QuantizedKVCache:
+    """Undo `bits_form` (a no-op on a cache in float form)."""
+    return cache.replace(layers=from_bits(cache.layers, cache.config))
 
 
 def _as_stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -15,7 +15,9 @@ has its own ``cache.lengths`` entry and ``counts`` of valid tokens per chunk, so
 padding and no mask trickery). Prefill is chunked (``prefill_chunk`` tokens per call);
 decoding is a Python loop over ONE jitted step (cache donated, updated in place) that
 compiles once per shape: batch, cache capacity (bucketed to a power of two) and model.
-The host reads token ``t`` while the device already computes token ``t + 1``.
+The host reads token ``t`` while the device already computes token ``t + 1``. On CPU the
+cache stays in `cache.bits_form` from prefill to the last step (its 16-bit float arrays
+as uint16 bits, the form the layer scan works in), and the result holds it in float form.
 
 Functions are compiled ahead of time (``jit(...).lower(...).compile()``, cached per
 shape) so the stats report compile time apart from prefill and decode throughput.
@@ -45,7 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixkvq_jax.aot import CompileCache
-from mixkvq_jax.cache import QuantizedKVCache, check_overflow, init_cache, memory_bytes
+from mixkvq_jax.cache import (
+    QuantizedKVCache,
+    bits_form,
+    check_overflow,
+    float_form,
+    init_cache,
+    memory_bytes,
+)
 from mixkvq_jax.config import KVQuantConfig, load_kv_config
 from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.models import ModelConfig, forward
@@ -309,6 +318,8 @@ def run_generation(
     top_p = jnp.asarray(sampling.top_p, jnp.float32)
     cache = init_cache(kv_config, num_layers=model_config.num_layers, batch=batch,
                        num_kv_heads=model_config.num_kv_heads, max_len=capacity)
+    if jax.default_backend() == "cpu":  # no conversion of the stack in and out of each step
+        cache = bits_form(cache)
     static = {"config": model_config, "impl": impl}
 
     # Compile everything first (cached per shape), so the rates below exclude it.
@@ -380,6 +391,7 @@ def run_generation(
     jax.block_until_ready(cache)
     decode_s = time.perf_counter() - t0 if new > 1 else 0.0
     check_overflow(cache)
+    cache = float_form(cache)
 
     stats = GenerationStats(
         preset=kv_config.name, batch=batch, prompt_tokens=int(lens.sum()),

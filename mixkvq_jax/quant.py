@@ -17,6 +17,12 @@ W = N/k consecutive codes, and slab j occupies bits [b*j, b*(j+1)) of the W word
 ``(words >> (b*j)) & mask`` yields codes [j*W, (j+1)*W) in order: a kernel unpacks with
 one shift and one mask per slab, and each slab is a contiguous range of tokens (keys) or
 channels (values), with no gather and no interleave.
+
+`unpack_word_major` reads the same words in *word-major* order ([..., W, k]: word w's k
+codes side by side, so index ``w * k + j`` holds code ``j * W + w``). On CPU that is a
+bitcast to XLA's packed sub-byte integers, which XLA:CPU converts to float about twice
+as fast as the shift-and-mask unpack; the XLA attention path works in that order and
+undoes it on its small results (scores, outputs), never on the codes.
 """
 
 from __future__ import annotations
@@ -174,6 +180,64 @@ def pack(codes: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
     # Slabs occupy disjoint bit ranges, so the sum is a bitwise OR.
     words = jnp.sum(slabs << shifts, axis=-2, dtype=jnp.uint32)
     return jnp.moveaxis(words, -1, axis)
+
+
+_SUB_BYTE = {2: jnp.uint2, 4: jnp.uint4, 8: jnp.uint8}
+
+
+def unpack_word_major(words: jax.Array, bits: int, *, dtype: jnp.dtype = jnp.int32,
+                      bitcast: bool | None = None) -> jax.Array:
+    """Codes of packed words [..., W] in word-major order: [..., W, k] (k = 32 / bits),
+    element [..., w, j] = code ``j * W + w`` of the planar layout (`pack`).
+
+    With ``bitcast`` (default: on CPU) the words are bitcast to ``uint{bits}``
+    (little-endian: element j is bits b*j.., i.e. slab j) and converted; otherwise the
+    same values come from a broadcast shift and mask.
+    """
+    k = codes_per_word(bits)
+    words = words.astype(jnp.uint32)
+    if jax.default_backend() == "cpu" if bitcast is None else bitcast:
+        return jax.lax.bitcast_convert_type(words, _SUB_BYTE[bits]).astype(dtype)
+    w = jax.lax.bitcast_convert_type(words, jnp.int32)
+    shifts = jnp.arange(k, dtype=jnp.int32) * bits
+    return ((w[..., None] >> shifts) & (2**bits - 1)).astype(dtype)
+
+
+def natural_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
+    """Reorder ``axis`` of ``x`` (length W * k, word-major as `unpack_word_major` gives
+    it) to the natural code order: index ``j * W + w`` gets word-major ``w * k + j``."""
+    k = codes_per_word(bits)
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    x = jnp.swapaxes(x.reshape(*x.shape[:-1], n // k, k), -1, -2).reshape(x.shape)
+    return jnp.moveaxis(x, -1, axis)
+
+
+def dequantize_word_major(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
+                          bits: int) -> jax.Array:
+    """``zero + code * scale`` for word-major codes [..., W, k] of a packed axis whose
+    natural order (length N = W * k) is split into NG equal groups: ``scales`` /
+    ``zeros`` [..., NG] in natural group order (broadcastable against ``codes[..., 0, 0]``
+    plus that axis). Returns float32 [..., W, k], still word-major."""
+    w_len, k = codes.shape[-2:]
+    n_groups = scales.shape[-1]
+    group = w_len * k // n_groups
+    scales, zeros = scales.astype(jnp.float32), zeros.astype(jnp.float32)
+    codes = codes.astype(jnp.float32)
+    lead = codes.shape[:-2]
+    if group % w_len == 0:  # natural j * W + w: group j // (G / W), whatever w
+        grouped = codes.reshape(*lead, w_len, n_groups, group // w_len)
+        out = zeros[..., None, :, None] + grouped * scales[..., None, :, None]
+    elif w_len % group == 0:  # group j * (W / G) + w // G
+        grouped = codes.reshape(*lead, w_len // group, group, k)
+        per = lambda p: jnp.swapaxes(p.reshape(*p.shape[:-1], k, w_len // group), -1, -2)[
+            ..., :, None, :]
+        out = per(zeros) + grouped * per(scales)
+    else:  # groups straddle words unevenly: per-code parameters in word-major order
+        per = lambda p: jnp.swapaxes(
+            jnp.repeat(p, group, axis=-1).reshape(*p.shape[:-1], k, w_len), -1, -2)
+        out = per(zeros) + codes * per(scales)
+    return out.reshape(codes.shape)
 
 
 def unpack(

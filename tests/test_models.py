@@ -109,6 +109,32 @@ def test_chunked_prefill_equals_one_shot(hf_checkpoint, exact_kv):
     np.testing.assert_allclose(v1[..., :PROMPT_LEN, :], v2[..., :PROMPT_LEN, :], atol=1e-5)
 
 
+def test_bits_form_cache_gives_the_same_steps(hf_checkpoint):
+    """A cache held in `bits_form` (how decode loops keep it on CPU) gives bit-identical
+    logits and, back in float form, the same cache as the float form, through prefill,
+    a block quantized with bf16 scales and sinks, and decode steps."""
+    from mixkvq_jax.cache import bits_form, float_form
+    from mixkvq_jax.config import load_kv_config
+
+    cfg, params, _ = load_checkpoint(hf_checkpoint("llama3").path, "float32")
+    kv = load_kv_config("mixkvq", cfg.head_dim, residual_length=16, key_group_size=8,
+                        value_group_size=8)
+    ids = jnp.asarray(_ids(cfg.vocab_size, 24, seed=5)[None])
+    as_floats, as_bits = _empty_cache(cfg, kv), bits_form(_empty_cache(cfg, kv))
+    assert as_bits.layers.key_scales[0].dtype == jnp.uint16
+    for start, stop in ((0, 13), (13, 20), (20, 21), (21, 22), (22, 24)):
+        la, as_floats = _forward(params, ids[:, start:stop], as_floats, None, config=cfg,
+                                 impl="xla")
+        lb, as_bits = _forward(params, ids[:, start:stop], as_bits, None, config=cfg,
+                               impl="xla")
+        np.testing.assert_array_equal(la, lb)
+    assert as_bits.layers.key_scales[0].dtype == jnp.uint16  # stays in bits form
+    back = float_form(as_bits)
+    for a, b in zip(jax.tree.leaves(as_floats), jax.tree.leaves(back), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_logit_index_and_padding_do_not_leak(hf_checkpoint, exact_kv):
     """Right padding is invisible: logits of the valid tokens match an unpadded run."""
     ck = hf_checkpoint("qwen3")

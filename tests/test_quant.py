@@ -31,6 +31,45 @@ def test_pack_along_other_axis_and_planar_layout(bits):
     np.testing.assert_array_equal(slab1, np.asarray(codes)[n_words : 2 * n_words])
 
 
+@pytest.mark.parametrize("bitcast", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_word_major_unpack_is_the_planar_codes_reordered(bits, bitcast):
+    """[..., W, k] element (w, j) is code j * W + w, from the sub-byte bitcast (CPU) and
+    from the shift-and-mask fallback (other backends) alike; `natural_order` undoes it."""
+    rng = np.random.default_rng(bits)
+    codes = jnp.asarray(rng.integers(0, 2**bits, size=(3, 2, 128)), jnp.uint8)
+    words = quant.pack(codes, bits)
+    k = 32 // bits
+    got = quant.unpack_word_major(words, bits, bitcast=bitcast)
+    assert got.shape == (3, 2, 128 // k, k) and got.dtype == jnp.int32
+    expected = np.asarray(codes).reshape(3, 2, k, 128 // k).swapaxes(-1, -2)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(quant.natural_order(got.reshape(3, 2, 128), bits), codes)
+    # natural_order on another axis (the attention reorders scores / outputs that way)
+    np.testing.assert_array_equal(
+        quant.natural_order(jnp.moveaxis(got.reshape(3, 2, 128), -1, 0), bits, axis=0),
+        jnp.moveaxis(codes, -1, 0))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("length, group", [
+    (128, 32),  # groups span whole words: G % W == 0 (the presets)
+    (128, 128),  # one group (per-token values)
+    (128, 1),  # a pair per code (per-token keys, per-channel values): W % G == 0
+    (96, 4),  # 2-bit: W = 6, G = 4 straddles words unevenly (the generic fallback)
+])
+def test_word_major_dequantize_matches_dequantize(bits, length, group):
+    rng = np.random.default_rng(length + group)
+    x = jnp.asarray(rng.normal(size=(2, 5, length)), jnp.float32)
+    q = quant.quantize(x, bits, group_size=group, param_dtype=jnp.bfloat16)
+    words = quant.pack(q.codes, bits)
+    out = quant.dequantize_word_major(quant.unpack_word_major(words, bits), q.scales,
+                                      q.zeros, bits)
+    np.testing.assert_array_equal(
+        quant.natural_order(out.reshape(2, 5, length), bits),
+        quant.dequantize(q.codes, q.scales, q.zeros))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
