@@ -6,7 +6,13 @@ For each preset x context x batch, in one run:
   (compile excluded, measured at batch 1; larger batches reuse that cache, tiled);
 * decode tokens/s: the median over ``--steps`` timed steps after ``--warmup`` steps of
   one jitted, cache-donating decode step (model forward + greedy pick), and its ratio to
-  the *fastest* full-precision cache (fp32 or bf16) at the same context and batch; on CPU
+  the *fastest* full-precision cache (fp32 or bf16) at the same context and batch. The
+  presets are timed **interleaved**, in one process: every round runs one step of each
+  preset (in a rotating order) on caches of the given length filled with synthetic
+  contents (a step's cost does not depend on the values: a prefilled and a synthetic
+  kivi2 cache measured 397 vs 381 ms median, 301 vs 308 ms min, at 8192 x 4). On this
+  shared 2-core machine the speed drifts by up to 2x over minutes, so presets timed one
+  after the other (the first version of this script) gave ratios off by as much; on CPU
   the cache is held in `cache.bits_form` throughout, as `generate` holds it;
 * compile time of that decode step, reported apart;
 * KV-cache bytes (of the actual pytree) and the ratio to what a bf16 cache of the same
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     p.add_argument("--tag", default=None, help="file name tag (default: the device kind)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-kind", choices=("preset", "timing"), default="preset",
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -263,24 +271,18 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
             tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch,)), jnp.int32)
             step, compile_s = _compile(steps["decode_step"], params, cache, tokens,
                                        config=config, impl=args.impl)
-            times = []
-            for i in range(args.warmup + args.steps):
-                start = time.perf_counter()
+            for _ in range(args.warmup + args.steps):  # untimed here: peak memory, overflow
                 tokens, cache = step(params, cache, tokens)
-                tokens.block_until_ready()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - start)
+            tokens.block_until_ready()
             kvc.check_overflow(cache)
             kv_bytes = kvc.memory_bytes(cache)
             bf16_bytes = bf16.cache_bytes(num_layers=config.num_layers, batch=batch,
                                           num_kv_heads=config.num_kv_heads, max_len=capacity)
             per_token, fixed = bytes_per_token(kv, config, batch, capacity)
             bf16_per_token, bf16_fixed = bytes_per_token(bf16, config, batch, capacity)
-            decode_s = statistics.median(times)
             rows.append({
                 "preset": preset, "context": context, "batch": batch,
                 "prefill_s": prefill_s if batch == min(args.batch) else float("nan"),
-                "decode_ms": 1e3 * decode_s, "tokens_per_s": batch / decode_s,
                 "compile_s": compile_s, "kv_bytes": kv_bytes,
                 "kv_ratio_vs_bf16": kv_bytes / bf16_bytes, "kv_bytes_per_token": per_token,
                 "kv_per_token_vs_bf16": per_token / bf16_per_token,
@@ -291,8 +293,8 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
                 "device": jax.devices()[0].device_kind,
             })
             del cache
-            print(f"  {preset:8s} ctx {context:6d} batch {batch:2d}: "
-                  f"{rows[-1]['tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
+            print(f"  {preset:8s} ctx {context:6d} batch {batch:2d}: prefilled, "
+                  f"{kv_bytes / 2**20:.1f} MiB", file=sys.stderr, flush=True)
         del base
     layer_compile = {}
     if not args.no_compile_layers:
@@ -306,6 +308,79 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
             _, layer_compile[n] = _compile(steps["decode_step"], abstract_params, abstract_cache,
                                            tokens, config=cfg, impl=args.impl)
     return {"rows": rows, "layer_compile": layer_compile}
+
+
+# ---- decode speed: every preset in one process, interleaved ----------------------------
+def synthetic_cache(kv: Any, config: Any, batch: int, capacity: int, context: int) -> Any:
+    """A cache of ``capacity`` holding ``context`` tokens per sequence with synthetic
+    contents (hashed-iota floats and code words, identity channel permutations), in the
+    form a decode loop keeps it (`cache.bits_form` on CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mixkvq_jax import cache as kvc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_attention import _pseudo_random  # the same filler as that benchmark
+
+    cache = kvc.init_cache(kv, num_layers=config.num_layers, batch=batch,
+                           num_kv_heads=config.num_kv_heads, max_len=capacity)
+
+    def fill(x: Any) -> Any:
+        if x.size == 0:
+            return x
+        if x.dtype == jnp.dtype(kv.permutation_dtype) and x.shape[-1] == kv.head_dim:
+            return jnp.broadcast_to(jnp.arange(kv.head_dim, dtype=x.dtype), x.shape)
+        if x.dtype == jnp.int32:  # query counts
+            return jnp.full(x.shape, context, x.dtype)
+        return _pseudo_random(x.shape, str(x.dtype), kv.head_dim)
+
+    cache = cache.replace(layers=jax.tree.map(fill, cache.layers),
+                          lengths=jnp.full((batch,), context, jnp.int32))
+    return kvc.bits_form(cache) if jax.default_backend() == "cpu" else cache
+
+
+def time_interleaved(args: argparse.Namespace) -> dict[str, float]:
+    """Median decode-step seconds per ``preset/context/batch``, all presets in one
+    process: each round runs one step of every preset, starting at a rotating preset."""
+    import jax
+    import numpy as np
+
+    from mixkvq_jax.config import load_kv_config
+
+    config, params, _ = _model(args)
+    steps = _steps()
+    rng = np.random.default_rng(1)
+    medians = {}
+    for context in sorted(args.contexts):
+        capacity = context + args.warmup + args.steps + 1
+        for batch in sorted(args.batch):
+            state, times = {}, {p: [] for p in args.presets}
+            for preset in args.presets:
+                kv = load_kv_config(preset, config.head_dim)
+                cache = synthetic_cache(kv, config, batch, capacity, context)
+                tokens = jax.numpy.asarray(rng.integers(0, config.vocab_size, (batch,)),
+                                           jax.numpy.int32)
+                step, _ = _compile(steps["decode_step"], params, cache, tokens, config=config,
+                                   impl=args.impl)
+                state[preset] = [step, cache, tokens]
+            for i in range(args.warmup + args.steps):
+                k = i % len(args.presets)
+                for preset in [*args.presets[k:], *args.presets[:k]]:
+                    step, cache, tokens = state[preset]
+                    start = time.perf_counter()
+                    tokens, cache = step(params, cache, tokens)
+                    tokens.block_until_ready()
+                    if i >= args.warmup:
+                        times[preset].append(time.perf_counter() - start)
+                    state[preset] = [step, cache, tokens]
+            for preset in args.presets:
+                medians[f"{preset}/{context}/{batch}"] = statistics.median(times[preset])
+            print(f"  timed ctx {context:6d} batch {batch:2d}: " + ", ".join(
+                f"{p} {batch / medians[f'{p}/{context}/{batch}']:.1f}" for p in args.presets)
+                + " tok/s", file=sys.stderr, flush=True)
+            del state
+    return medians
 
 
 # ---- the run: one worker per preset, then cross-preset columns ---------------------------
@@ -423,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"decode.py: {err}", file=sys.stderr)
             return 2
     if args.worker:
-        result = run_preset(args, args.presets[0])
+        result = (time_interleaved(args) if args.worker_kind == "timing"
+                  else run_preset(args, args.presets[0]))
         args.worker.write_text(json.dumps(result))
         return 0
 
@@ -441,13 +517,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = json.loads(out.read_text())
             rows += result["rows"]
             layer_compile[preset] = {int(k): v for k, v in result["layer_compile"].items()}
+        print("[decode speed, presets interleaved]", file=sys.stderr, flush=True)
+        out = Path(tmp) / "timing.json"
+        argv = _worker_argv(args, ",".join(args.presets), out) + ["--worker-kind", "timing"]
+        proc = subprocess.run(argv, check=False)
+        if proc.returncode:
+            print(f"decode.py: the timing worker failed (exit {proc.returncode})",
+                  file=sys.stderr)
+            return proc.returncode
+        medians = json.loads(out.read_text())
+    for row in rows:
+        seconds = medians[f"{row['preset']}/{row['context']}/{row['batch']}"]
+        row["decode_ms"], row["tokens_per_s"] = 1e3 * seconds, row["batch"] / seconds
     add_ratios(rows)
     rows.sort(key=lambda r: (r["batch"], r["context"], list(args.presets).index(r["preset"])))
 
     device = rows[0]["device"]
     header = (f"model {rows[0]['model']}, weights {args.dtype}, impl {args.impl}, device "
               f"{device} ({machine()}), decode median of {args.steps} steps after "
-              f"{args.warmup} warm-up, prefill chunk {args.chunk}, budget {args.budget_gb} GiB")
+              f"{args.warmup} warm-up (presets interleaved, synthetic cache contents), "
+              f"prefill chunk {args.chunk}, budget {args.budget_gb} GiB")
     md = "\n\n".join(x for x in (header, table(rows), compile_table(layer_compile)) if x)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)

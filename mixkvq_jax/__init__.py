@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "dequantize": "cache",
     "memory_bytes": "cache",
     "check_overflow": "cache",
+    "bits_form": "cache",
+    "float_form": "cache",
     # attention
     "cached_attention": "attention",
     "attend_and_update": "attention",
