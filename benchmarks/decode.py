@@ -321,7 +321,7 @@ def synthetic_cache(kv: Any, config: Any, batch: int, capacity: int, context: in
     from mixkvq_jax import cache as kvc
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decode_attention import _pseudo_random  # the same filler as that benchmark
+    from decode_attention import pseudo_random  # the same filler as that benchmark
 
     cache = kvc.init_cache(kv, num_layers=config.num_layers, batch=batch,
                            num_kv_heads=config.num_kv_heads, max_len=capacity)
@@ -333,7 +333,7 @@ def synthetic_cache(kv: Any, config: Any, batch: int, capacity: int, context: in
             return jnp.broadcast_to(jnp.arange(kv.head_dim, dtype=x.dtype), x.shape)
         if x.dtype == jnp.int32:  # query counts
             return jnp.full(x.shape, context, x.dtype)
-        return _pseudo_random(x.shape, str(x.dtype), kv.head_dim)
+        return pseudo_random(x.shape, str(x.dtype), kv.head_dim)
 
     cache = cache.replace(layers=jax.tree.map(fill, cache.layers),
                           lengths=jnp.full((batch,), context, jnp.int32))

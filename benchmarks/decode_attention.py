@@ -71,7 +71,7 @@ def copy_bandwidth(megabytes: int, iters: int) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "head_dim"))
-def _pseudo_random(shape: tuple[int, ...], dtype: str, head_dim: int) -> jax.Array:
+def pseudo_random(shape: tuple[int, ...], dtype: str, head_dim: int) -> jax.Array:
     """Cheap deterministic filler: hashed iota (no RNG, compiles in milliseconds)."""
     i = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     bits = i * jnp.uint32(2654435761) ^ (i >> 7)
@@ -90,7 +90,7 @@ def random_layer(config: KVQuantConfig, batch: int, kv_heads: int,
     layer = jax.eval_shape(lambda: kvc.init_layer(config, batch=batch, num_kv_heads=kv_heads,
                                                   max_len=context))
     return jax.tree.map(
-        lambda x: _pseudo_random(x.shape, str(x.dtype), config.head_dim), layer)
+        lambda x: pseudo_random(x.shape, str(x.dtype), config.head_dim), layer)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

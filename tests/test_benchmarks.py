@@ -22,13 +22,13 @@ def _load_benchmark():
 
 def test_decode_benchmark_smoke(demo_checkpoint, tmp_path, capsys):
     bench = _load_benchmark()
-    rc = bench.main(["--ckpt", str(demo_checkpoint), "--contexts", "64,200",
+    rc = bench.main(["--ckpt", str(demo_checkpoint), "--contexts", "200",
                      "--presets", "fp32,bf16,kivi2,mixkvq", "--batch", "1,2", "--steps", "2",
                      "--warmup", "1", "--chunk", "64", "--budget-gb", "1", "--out",
                      str(tmp_path), "--tag", "smoke"])
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "decode_smoke.csv")))
-    assert len(rows) == 4 * 2 * 2
+    assert len(rows) == 4 * 1 * 2
     by = {(r["preset"], int(r["context"]), int(r["batch"])): r for r in rows}
     for row in rows:
         assert float(row["tokens_per_s"]) > 0 and float(row["compile_s"]) > 0
@@ -49,10 +49,10 @@ def test_decode_benchmark_smoke(demo_checkpoint, tmp_path, capsys):
     for preset in ("kivi2", "mixkvq"):
         assert float(by[(preset, 200, 1)]["kv_per_token_vs_bf16"]) <= 0.22
         assert float(by[(preset, 200, 1)]["budget_ratio_vs_bf16"]) >= 4.0
-    assert float(by[("fp32", 64, 1)]["kv_per_token_vs_bf16"]) == pytest.approx(2.0)
+    assert float(by[("fp32", 200, 1)]["kv_per_token_vs_bf16"]) == pytest.approx(2.0)
     out = capsys.readouterr().out
     assert "| preset | context | batch |" in out and "compile s, 30 layers" in out
-    assert (tmp_path / "decode_smoke.md").read_text().count("\n| kivi2 |") == 4 + 1  # + compile
+    assert (tmp_path / "decode_smoke.md").read_text().count("\n| kivi2 |") == 2 + 1  # + compile
     assert (tmp_path / "decode_smoke.png").stat().st_size > 10_000
 
 
