@@ -403,7 +403,9 @@ def _worker_argv(args: argparse.Namespace, preset: str, out: Path) -> list[str]:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Tokens/s ratio of every row to the fastest full-precision preset at its context
-    and batch (the fairest baseline: on CPU, fp32 usually beats bf16)."""
+    and batch (the fairest baseline: which of fp32 and bf16 is faster depends on the
+    machine and the context; on CPU bf16 wins at long context once the cache stays in bits
+    form)."""
     for row in rows:
         peers = [r for r in rows if r["preset"] in FULL_PRECISION
                  and (r["context"], r["batch"]) == (row["context"], row["batch"])]
