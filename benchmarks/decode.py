@@ -12,8 +12,9 @@ For each preset x context x batch, in one run:
   contents (a step's cost does not depend on the values: a prefilled and a synthetic
   kivi2 cache measured 397 vs 381 ms median, 301 vs 308 ms min, at 8192 x 4). On this
   shared 2-core machine the speed drifts by up to 2x over minutes, so presets timed one
-  after the other (the first version of this script) gave ratios off by as much; on CPU
-  the cache is held in `cache.bits_form` throughout, as `generate` holds it;
+  after the other (the first version of this script) gave ratios off by as much. The
+  cache is held in `cache.decode_loop_form` throughout (bits form on CPU), as `generate`
+  holds it;
 * compile time of that decode step, reported apart;
 * KV-cache bytes (of the actual pytree) and the ratio to what a bf16 cache of the same
   capacity holds, and the bytes each further token adds (all layers; scales, zero points
@@ -57,7 +58,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
 PRESETS = ("fp32", "bf16", "int8", "kivi2", "mixkvq")
 FULL_PRECISION = ("fp32", "bf16")
 LAYER_COUNTS = (2, 30)
@@ -263,8 +265,7 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
         prompt = jnp.asarray(rng.integers(0, config.vocab_size, (1, context)), jnp.int32)
         base = kvc.init_cache(kv, num_layers=config.num_layers, batch=1,
                               num_kv_heads=config.num_kv_heads, max_len=capacity)
-        if jax.default_backend() == "cpu":  # as `generate` runs it: no per-step conversions
-            base = kvc.bits_form(base)
+        base = kvc.decode_loop_form(base)  # as `generate` holds it
         base, prefill_s = _prefill(steps, params, base, prompt, args.chunk, config, args.impl)
         for batch in sorted(args.batch):
             cache = _tile_batch(base, batch)
@@ -301,7 +302,7 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
         for n in LAYER_COUNTS:
             cfg = dataclasses.replace(config, num_layers=n)
             abstract_params = jax.eval_shape(lambda c=cfg: init_params(c, dtype=args.dtype))
-            abstract_cache = jax.eval_shape(lambda c=cfg: kvc.bits_form(kvc.init_cache(
+            abstract_cache = jax.eval_shape(lambda c=cfg: kvc.decode_loop_form(kvc.init_cache(
                 kv, num_layers=c.num_layers, batch=1, num_kv_heads=c.num_kv_heads,
                 max_len=min(args.contexts) + args.steps)))
             tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -314,13 +315,14 @@ def run_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
 def synthetic_cache(kv: Any, config: Any, batch: int, capacity: int, context: int) -> Any:
     """A cache of ``capacity`` holding ``context`` tokens per sequence with synthetic
     contents (hashed-iota floats and code words, identity channel permutations), in the
-    form a decode loop keeps it (`cache.bits_form` on CPU)."""
+    form a decode loop keeps it (`cache.decode_loop_form`)."""
     import jax
     import jax.numpy as jnp
 
     from mixkvq_jax import cache as kvc
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if str(BENCH_DIR) not in sys.path:  # loaded by path (the tests), not run as a script
+        sys.path.insert(0, str(BENCH_DIR))
     from decode_attention import pseudo_random  # the same filler as that benchmark
 
     cache = kvc.init_cache(kv, num_layers=config.num_layers, batch=batch,
@@ -337,13 +339,13 @@ def synthetic_cache(kv: Any, config: Any, batch: int, capacity: int, context: in
 
     cache = cache.replace(layers=jax.tree.map(fill, cache.layers),
                           lengths=jnp.full((batch,), context, jnp.int32))
-    return kvc.bits_form(cache) if jax.default_backend() == "cpu" else cache
+    return kvc.decode_loop_form(cache)
 
 
 def time_interleaved(args: argparse.Namespace) -> dict[str, float]:
     """Median decode-step seconds per ``preset/context/batch``, all presets in one
     process: each round runs one step of every preset, starting at a rotating preset."""
-    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from mixkvq_jax.config import load_kv_config
@@ -359,8 +361,7 @@ def time_interleaved(args: argparse.Namespace) -> dict[str, float]:
             for preset in args.presets:
                 kv = load_kv_config(preset, config.head_dim)
                 cache = synthetic_cache(kv, config, batch, capacity, context)
-                tokens = jax.numpy.asarray(rng.integers(0, config.vocab_size, (batch,)),
-                                           jax.numpy.int32)
+                tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch,)), jnp.int32)
                 step, _ = _compile(steps["decode_step"], params, cache, tokens, config=config,
                                    impl=args.impl)
                 state[preset] = [step, cache, tokens]

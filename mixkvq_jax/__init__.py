@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "check_overflow": "cache",
     "bits_form": "cache",
     "float_form": "cache",
+    "decode_loop_form": "cache",
     # attention
     "cached_attention": "attention",
     "attend_and_update": "attention",

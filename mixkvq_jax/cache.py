@@ -732,6 +732,12 @@ def from_bits(arrays: Any, config: KVQuantConfig) -> Any:
     return {name: restore(name, x) for name, x in arrays.items()}
 
 
+def scan_carries_bits() -> bool:
+    """Whether the models carry the stacked cache through their layer scan as bits
+    (`to_bits`): on CPU, where XLA has no in-place 16-bit float update."""
+    return jax.default_backend() == "cpu"
+
+
 def bits_form(cache: QuantizedKVCache) -> QuantizedKVCache:
     """The cache with its 16-bit float arrays held as uint16 bits (`to_bits`).
 
@@ -739,8 +745,8 @@ def bits_form(cache: QuantizedKVCache) -> QuantizedKVCache:
     passed in float form is converted on the way in and back on the way out of every
     forward call: for a decode step that is two copies of every 16-bit array of the
     cache (residual windows, scales; the whole history for a bf16 cache). Decode loops
-    on CPU (`generate.run_generation`, ``benchmarks/decode.py``) therefore keep the
-    cache in bits form between steps; the models, `update_layer` and the attention
+    (`generate.run_generation`, ``benchmarks/decode.py``) therefore hold the cache in
+    `decode_loop_form` between steps; the models, `update_layer` and the attention
     accept it as is. `float_form` undoes it (e.g. before `dequantize`).
     """
     return cache.replace(layers=jax.tree.map(to_bits, cache.layers))
@@ -749,6 +755,12 @@ def bits_form(cache: QuantizedKVCache) -> QuantizedKVCache:
 def float_form(cache: QuantizedKVCache) -> QuantizedKVCache:
     """Undo `bits_form` (a no-op on a cache in float form)."""
     return cache.replace(layers=from_bits(cache.layers, cache.config))
+
+
+def decode_loop_form(cache: QuantizedKVCache) -> QuantizedKVCache:
+    """The cache in the form a decode loop should hold it between steps on this backend:
+    `bits_form` where the layer scan carries bits (`scan_carries_bits`), else as is."""
+    return bits_form(cache) if scan_carries_bits() else cache
 
 
 def _as_stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:

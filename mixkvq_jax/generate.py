@@ -16,8 +16,9 @@ padding and no mask trickery). Prefill is chunked (``prefill_chunk`` tokens per 
 decoding is a Python loop over ONE jitted step (cache donated, updated in place) that
 compiles once per shape: batch, cache capacity (bucketed to a power of two) and model.
 The host reads token ``t`` while the device already computes token ``t + 1``. On CPU the
-cache stays in `cache.bits_form` from prefill to the last step (its 16-bit float arrays
-as uint16 bits, the form the layer scan works in), and the result holds it in float form.
+cache stays in bits form (`cache.decode_loop_form`: its 16-bit float arrays as uint16
+bits, the form the layer scan works in) from prefill to the last step, and the result
+holds it in float form.
 
 Functions are compiled ahead of time (``jit(...).lower(...).compile()``, cached per
 shape) so the stats report compile time apart from prefill and decode throughput.
@@ -49,8 +50,8 @@ import numpy as np
 from mixkvq_jax.aot import CompileCache
 from mixkvq_jax.cache import (
     QuantizedKVCache,
-    bits_form,
     check_overflow,
+    decode_loop_form,
     float_form,
     init_cache,
     memory_bytes,
@@ -318,8 +319,7 @@ def run_generation(
     top_p = jnp.asarray(sampling.top_p, jnp.float32)
     cache = init_cache(kv_config, num_layers=model_config.num_layers, batch=batch,
                        num_kv_heads=model_config.num_kv_heads, max_len=capacity)
-    if jax.default_backend() == "cpu":  # no conversion of the stack in and out of each step
-        cache = bits_form(cache)
+    cache = decode_loop_form(cache)  # CPU: no conversion of the stack in and out of a step
     static = {"config": model_config, "impl": impl}
 
     # Compile everything first (cached per shape), so the rates below exclude it.

@@ -101,10 +101,10 @@ class CausalLM(nnx.Module):
 
         # On CPU the stack rides the scan with its 16-bit floats as bits (`cache.to_bits`):
         # XLA:CPU would update a 16-bit float stack by converting all of it, every layer.
-        bits = caches is not None and jax.default_backend() == "cpu"
-        if bits:
-            from mixkvq_jax.cache import to_bits
+        from mixkvq_jax.cache import scan_carries_bits, to_bits
 
+        bits = caches is not None and scan_carries_bits()
+        if bits:
             dtypes = jax.tree.map(lambda a: a.dtype, caches)
             caches = jax.tree.map(to_bits, caches)
 
