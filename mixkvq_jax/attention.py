@@ -59,15 +59,17 @@ class _Carry(NamedTuple):
     acc: jax.Array  # [B, H, Gq, C, D] running sum of p * v
 
 
-def _online_update(carry: _Carry, scores: jax.Array, valid: jax.Array, values_fn) -> _Carry:
-    """Fold tokens with ``scores`` [B, H, Gq, C, N] (``valid`` broadcastable) in."""
+def _online_update(carry: _Carry, scores: jax.Array, valid: jax.Array, values_fn,
+                   token_axes: tuple[int, ...] = (-1,)) -> _Carry:
+    """Fold tokens with ``scores`` (the carry's query axes plus ``token_axes``, e.g.
+    [B, H, Gq, C, N]; ``valid`` broadcastable) in; ``values_fn(p)`` contracts the
+    probabilities (``scores``' shape) with the tokens' values."""
     scores = jnp.where(valid, scores, _MASKED)
-    m_new = jnp.maximum(carry.max, scores.max(axis=-1))
-    p = jnp.where(valid, jnp.exp(scores - m_new[..., None]), 0.0)
+    m_new = jnp.maximum(carry.max, scores.max(axis=token_axes))
+    p = jnp.where(valid, jnp.exp(scores - jnp.expand_dims(m_new, token_axes)), 0.0)
     alpha = jnp.exp(carry.max - m_new)
-    return _Carry(
-        m_new, carry.sum * alpha + p.sum(-1), carry.acc * alpha[..., None] + values_fn(p)
-    )
+    return _Carry(m_new, carry.sum * alpha + p.sum(token_axes),
+                  carry.acc * alpha[..., None] + values_fn(p))
 
 
 def _finish(carry: _Carry) -> Partial:
@@ -118,6 +120,25 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HIGHEST)
 
 
+def tile_token_bits(config: KVQuantConfig) -> int | None:
+    """The bits whose word-major order (`quant.unpack_word_major`) the XLA path gives the
+    tokens of each block, in keys, scores and values alike; ``None``: natural order.
+
+    Unpacking codes packed along tokens into natural order interleaves the words (code
+    ``j * W + w`` is slab j of word w), which XLA:CPU compiles to scalar code; word-major
+    order is one bitcast. So the blocks' keys are unpacked word-major, the value rows are
+    read in the same token order (the permutation fuses into their dequantization) and
+    the scores and softmax never return to natural order. Measured on CPU (2 cores,
+    kivi2, 8k tokens x batch 4, SmolLM2 shapes): 7.5 -> 3.6 ms of attention per layer,
+    237 -> 145 ms per decode step. MixKVQ takes the order of its lowest-bit tier (the one
+    with the most channels); its other tiers' scores and its full-precision tier are
+    reordered to it (small arrays next to the INT2 tile).
+    """
+    if not kv_cache.packs_evenly(config, "keys"):
+        return None
+    return min(bits for bits, _ in config.key_tiers)
+
+
 def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuantConfig,
                     *, keys_word_major: bool = False, values_word_major: bool = False
                     ) -> tuple[list[jax.Array], jax.Array]:
@@ -133,10 +154,13 @@ def dequantize_tile(blocks: dict[str, Any], layer: LayerKVCache, config: KVQuant
 
 
 def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
-                 config: KVQuantConfig, *, word_major: bool = False) -> jax.Array:
+                 config: KVQuantConfig, *, token_bits: int | None = None) -> jax.Array:
     """Scores of query rows q [B, H, M, D] against dequantized key tiers, each
-    [B, H, S, n_t, R] (stored channel order, tiers in order): [B, H, M, S, R], tokens
-    in natural order (``word_major`` tiers are reordered here, on the scores)."""
+    [B, H, S, n_t, R] (stored channel order, tiers in order; with ``token_bits``,
+    quantized tiers word-major as `dequantize_tile` gives them): [B, H, M, S, R]
+    (MixKVQ, `config.stores_permutation`: [B, H, S, M, R], as its batched dots give
+    them), the tokens of each block in natural order, or with ``token_bits`` in
+    ``quant.word_major_order(..., token_bits)`` (`tile_token_bits`)."""
     spec = "bhmd,bhsdr->bhmsr"
     if config.stores_permutation:
         # MixKVQ: the query follows each block's channel permutation (a [B, H, S, M, D]
@@ -149,11 +173,13 @@ def block_scores(q: jax.Array, keys: list[jax.Array], blocks: dict[str, Any],
     scores, offset = None, 0
     for tier, tier_bits in zip(keys, bits, strict=True):  # one dot per tier: no concatenate
         n = tier.shape[-2]
+        if token_bits is not None and tier_bits is None:  # the full tier: natural order
+            tier = quant.word_major_order(tier, token_bits)
         part = _dot(spec, q[..., offset:offset + n], tier)
-        if word_major and tier_bits is not None:
-            part = quant.natural_order(part, tier_bits)
+        if token_bits is not None and tier_bits not in (None, token_bits):
+            part = quant.rewrap_word_major(part, tier_bits, token_bits)
         scores, offset = part if scores is None else scores + part, offset + n
-    return scores.transpose(0, 1, 3, 2, 4) if config.stores_permutation else scores
+    return scores
 
 
 def _dense_update(carry: _Carry, qm: jax.Array, keys: jax.Array, values: jax.Array,
@@ -201,15 +227,16 @@ def history_attention_xla(
     n_slots = blocks["key_full"].shape[3]
     step = max(1, min(blocks_per_step or BLOCKS_PER_STEP, n_slots))
     n_blocks = lengths // r  # [B]
-    # Codes unpacked word-major where that is faster (`quant.unpack_word_major`; measured
-    # on CPU): values, and MixKVQ's key tiers, contracted block by block. The scores are
-    # reordered per tier, the values' channel order is undone on the output after the
-    # loop. Single-tier keys are contracted as one [D, S * R] tile (XLA transposes it),
-    # which XLA:CPU builds faster from the shift-and-mask unpack.
-    keys_word_major = config.stores_permutation and kv_cache.packs_evenly(config, "keys")
+    # Codes unpacked word-major where they pack evenly (`quant.unpack_word_major`, one
+    # bitcast on CPU): keys along tokens (`tile_token_bits`: the whole tile then keeps
+    # that token order) and values along channels (undone on the output after the loop).
+    token_bits = tile_token_bits(config)
     values_word_major = kv_cache.packs_evenly(config, "values")
+    within = jnp.arange(r)  # natural position of each tile row within its block
+    if token_bits is not None:
+        within = quant.word_major_order(within, token_bits)
     if config.smooths_keys:
-        key_mean_scores = _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))[..., None]
+        key_mean_scores = _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))
 
     def body(i: jax.Array, carry: _Carry) -> _Carry:
         # The last step may overlap the previous one; blocks already seen are masked.
@@ -220,24 +247,34 @@ def history_attention_xla(
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
         sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
+        if token_bits is not None:  # value rows in the keys' token order
+            sl = {**sl, **{name: quant.word_major_order(sl[name], token_bits, axis=3)
+                           for name in ("value_codes", "value_scales", "value_zeros")}}
         slot = start + jnp.arange(step)
         valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
-        valid = jnp.repeat(valid_blocks, r, axis=1)[:, None, None, :]  # [B, 1, 1, S * R]
+        valid = valid_blocks[:, :, None]  # [B, S, 1]
         if config.sink_tokens:  # sink rows of the first block: read from the sink buffer
-            position = (start * r + jnp.arange(step * r))[None, None, None, :]
-            valid = valid & (position >= config.sink_tokens)
-        keys, values = dequantize_tile(sl, layer, config, keys_word_major=keys_word_major,
+            valid = valid & (start * r + jnp.arange(step)[:, None] * r + within
+                             >= config.sink_tokens)
+        keys, values = dequantize_tile(sl, layer, config,
+                                       keys_word_major=token_bits is not None,
                                        values_word_major=values_word_major)
-        scores = block_scores(qm, keys, sl, config, word_major=keys_word_major).reshape(
-            b, kv_heads, m, step * r)
+        scores = block_scores(qm, keys, sl, config, token_bits=token_bits)
+        # The softmax runs on the scores as the dots give them: transposing MixKVQ's
+        # [B, H, S, M, R] in the fusion that masks and exponentiates them cost more than
+        # its three tier dots (CPU profile); p alone transposes cheaply.
+        if config.stores_permutation:
+            token_axes, valid = (2, 4), valid[:, None, :, None, :]
+            to_rows = lambda p: p.transpose(0, 1, 3, 2, 4)
+        else:  # [B, H, M, S, R]
+            token_axes, valid, to_rows = (3, 4), valid[:, None, None], lambda p: p
+        # One contracting axis over the tile's tokens (with two, s and r, XLA:CPU
+        # transposes the value tile before the dot).
+        values_fn = lambda p: _dot("bhmt,bhtd->bhmd", to_rows(p).reshape(b, kv_heads, m, -1),
+                                   values.reshape(b, kv_heads, step * r, d))
         if config.smooths_keys:  # the blocks hold k - mean: add q . mean back (exact)
-            scores = scores + key_mean_scores
-        return _online_update(
-            carry, scores, valid,
-            # One contracting axis over the tile's tokens (with two, s and r, XLA:CPU
-            # transposes the value tile before the dot).
-            lambda p: _dot("bhmt,bhtd->bhmd", p, values.reshape(b, kv_heads, step * r, d)),
-        )
+            scores = scores + jnp.expand_dims(key_mean_scores, token_axes)
+        return _online_update(carry, scores, valid, values_fn, token_axes)
 
     carry = _empty_carry(qm)
     n_steps = (jnp.max(n_blocks) + step - 1) // step

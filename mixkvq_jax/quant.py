@@ -213,6 +213,33 @@ def natural_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
     return jnp.moveaxis(x, -1, axis)
 
 
+def word_major_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
+    """Inverse of `natural_order`: reorder ``axis`` of ``x`` (natural code order, length
+    W * k) to the word-major order of `unpack_word_major`."""
+    k = codes_per_word(bits)
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    x = jnp.swapaxes(x.reshape(*x.shape[:-1], k, n // k), -1, -2).reshape(x.shape)
+    return jnp.moveaxis(x, -1, axis)
+
+
+def rewrap_word_major(x: jax.Array, bits: int, to_bits: int, *, axis: int = -1) -> jax.Array:
+    """``axis`` of ``x`` (length N) from the word-major order of ``bits`` to that of
+    ``to_bits``: ``word_major_order(natural_order(x, bits), to_bits)`` as one transpose
+    when ``bits >= to_bits`` (k / k' = f codes per word fewer: word w = a * W' + b of
+    the wider code holds slab j as code ``(j * f + a) * W' + b``, i.e. [a, b, j] ->
+    [b, j, a])."""
+    if bits < to_bits:
+        return word_major_order(natural_order(x, bits, axis=axis), to_bits, axis=axis)
+    k, k_to = codes_per_word(bits), codes_per_word(to_bits)
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    f = k_to // k
+    x = x.reshape(*x.shape[:-1], f, n // k_to, k).transpose(
+        *range(x.ndim - 1), x.ndim, x.ndim + 1, x.ndim - 1).reshape(x.shape)
+    return jnp.moveaxis(x, -1, axis)
+
+
 def dequantize_word_major(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
                           bits: int) -> jax.Array:
     """``zero + code * scale`` for word-major codes [..., W, k] of a packed axis whose

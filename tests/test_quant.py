@@ -51,6 +51,24 @@ def test_word_major_unpack_is_the_planar_codes_reordered(bits, bitcast):
         jnp.moveaxis(codes, -1, 0))
 
 
+@pytest.mark.parametrize("bits, to_bits", [(2, 2), (4, 2), (8, 2), (8, 4), (2, 4)])
+def test_word_major_orders_convert_into_each_other(bits, to_bits):
+    """`word_major_order` inverts `natural_order`; `rewrap_word_major` moves an axis from
+    one bit width's word-major order to another's (one transpose when narrowing, the
+    attention's MixKVQ INT4 -> INT2 scores) on any axis."""
+    codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (2, 128)))
+    np.testing.assert_array_equal(  # the order unpack_word_major gives packed codes
+        quant.word_major_order(codes, bits),
+        quant.unpack_word_major(quant.pack(codes, bits), bits).reshape(2, 128))
+    natural = jnp.arange(2 * 128).reshape(2, 128)
+    wide = quant.word_major_order(natural, bits)
+    np.testing.assert_array_equal(quant.natural_order(wide, bits), natural)
+    expected = quant.word_major_order(natural, to_bits)
+    np.testing.assert_array_equal(quant.rewrap_word_major(wide, bits, to_bits), expected)
+    np.testing.assert_array_equal(
+        quant.rewrap_word_major(wide.T, bits, to_bits, axis=0), expected.T)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("length, group", [
     (128, 32),  # groups span whole words: G % W == 0 (the presets)
