@@ -55,7 +55,7 @@ def test_word_major_unpack_is_the_planar_codes_reordered(bits, bitcast):
 def test_word_major_orders_convert_into_each_other(bits, to_bits):
     """`word_major_order` inverts `natural_order`; `rewrap_word_major` moves an axis from
     one bit width's word-major order to another's (one transpose when narrowing, the
-    attention's MixKVQ INT4 -> INT2 scores) on any axis."""
+    attention's MixKVQ INT4 tile in INT2 token order) on any axis."""
     codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (2, 128)))
     np.testing.assert_array_equal(  # the order unpack_word_major gives packed codes
         quant.word_major_order(codes, bits),
