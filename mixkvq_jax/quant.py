@@ -225,10 +225,10 @@ def word_major_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
 
 def rewrap_word_major(x: jax.Array, bits: int, to_bits: int, *, axis: int = -1) -> jax.Array:
     """``axis`` of ``x`` (length N) from the word-major order of ``bits`` to that of
-    ``to_bits``: ``word_major_order(natural_order(x, bits), to_bits)`` as one transpose
-    when ``bits >= to_bits`` (k / k' = f codes per word fewer: word w = a * W' + b of
-    the wider code holds slab j as code ``(j * f + a) * W' + b``, i.e. [a, b, j] ->
-    [b, j, a])."""
+    ``to_bits``: ``word_major_order(natural_order(x, bits), to_bits)``, as one transpose
+    when ``bits >= to_bits``. With k and k' codes per word (W = N / k and W' = N / k'
+    words) and f = k' / k, slab j of wide word ``w = a * W' + b`` holds code
+    ``(j * f + a) * W' + b``: narrow word b, slab ``j * f + a``. So [a, b, j] -> [b, j, a]."""
     if bits < to_bits:
         return word_major_order(natural_order(x, bits, axis=axis), to_bits, axis=axis)
     k, k_to = codes_per_word(bits), codes_per_word(to_bits)
