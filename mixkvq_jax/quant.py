@@ -27,6 +27,7 @@ undoes it on its small results (scores, outputs), never on the codes.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -203,24 +204,30 @@ def unpack_word_major(words: jax.Array, bits: int, *, dtype: jnp.dtype = jnp.int
     return ((w[..., None] >> shifts) & (2**bits - 1)).astype(dtype)
 
 
+def _permute_split(x: jax.Array, axis: int, sizes: tuple[int, ...],
+                   order: tuple[int, ...]) -> jax.Array:
+    """Split ``axis`` of ``x`` into ``sizes`` (row-major; ``-1`` for one of them),
+    permute those factors by ``order`` and flatten them back."""
+    x = jnp.moveaxis(x, axis, -1)
+    lead = x.ndim - 1
+    known = math.prod(size for size in sizes if size != -1)
+    # -1 resolved here: reshape cannot infer it for zero-size arrays (empty scale fields)
+    sizes = tuple(x.shape[-1] // known if size == -1 else size for size in sizes)
+    split = x.reshape(*x.shape[:-1], *sizes)
+    x = split.transpose(*range(lead), *(lead + i for i in order)).reshape(x.shape)
+    return jnp.moveaxis(x, -1, axis)
+
+
 def natural_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
     """Reorder ``axis`` of ``x`` (length W * k, word-major as `unpack_word_major` gives
     it) to the natural code order: index ``j * W + w`` gets word-major ``w * k + j``."""
-    k = codes_per_word(bits)
-    x = jnp.moveaxis(x, axis, -1)
-    n = x.shape[-1]
-    x = jnp.swapaxes(x.reshape(*x.shape[:-1], n // k, k), -1, -2).reshape(x.shape)
-    return jnp.moveaxis(x, -1, axis)
+    return _permute_split(x, axis, (-1, codes_per_word(bits)), (1, 0))
 
 
 def word_major_order(x: jax.Array, bits: int, *, axis: int = -1) -> jax.Array:
     """Inverse of `natural_order`: reorder ``axis`` of ``x`` (natural code order, length
     W * k) to the word-major order of `unpack_word_major`."""
-    k = codes_per_word(bits)
-    x = jnp.moveaxis(x, axis, -1)
-    n = x.shape[-1]
-    x = jnp.swapaxes(x.reshape(*x.shape[:-1], k, n // k), -1, -2).reshape(x.shape)
-    return jnp.moveaxis(x, -1, axis)
+    return _permute_split(x, axis, (codes_per_word(bits), -1), (1, 0))
 
 
 def rewrap_word_major(x: jax.Array, bits: int, to_bits: int, *, axis: int = -1) -> jax.Array:
@@ -232,12 +239,7 @@ def rewrap_word_major(x: jax.Array, bits: int, to_bits: int, *, axis: int = -1) 
     if bits < to_bits:
         return word_major_order(natural_order(x, bits, axis=axis), to_bits, axis=axis)
     k, k_to = codes_per_word(bits), codes_per_word(to_bits)
-    x = jnp.moveaxis(x, axis, -1)
-    n = x.shape[-1]
-    f = k_to // k
-    x = x.reshape(*x.shape[:-1], f, n // k_to, k).transpose(
-        *range(x.ndim - 1), x.ndim, x.ndim + 1, x.ndim - 1).reshape(x.shape)
-    return jnp.moveaxis(x, -1, axis)
+    return _permute_split(x, axis, (k_to // k, -1, k), (1, 2, 0))
 
 
 def dequantize_word_major(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
