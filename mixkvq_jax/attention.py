@@ -23,6 +23,7 @@ from mixkvq_jax import cache as kv_cache
 from mixkvq_jax import quant
 from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, layer_at, update_layer
 from mixkvq_jax.config import KVQuantConfig
+from mixkvq_jax.target import canonical_platform
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MASKED = -1e30  # finite, so fully masked rows never produce inf - inf
@@ -321,12 +322,14 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def resolve_impl(impl: str) -> str:
-    """``auto`` -> ``pallas`` on TPU/GPU, ``xla`` elsewhere; validate the name."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``auto`` -> ``pallas`` when the target ``platform`` (default: this process's
+    backend, `target.canonical_platform`) is a TPU or GPU, ``xla`` elsewhere; validate
+    the name."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+        return "pallas" if canonical_platform(platform) in ("tpu", "gpu") else "xla"
     return impl
 
 
@@ -339,6 +342,7 @@ def cached_attention(
     scale: float | None = None,
     impl: str = "auto",
     index: jax.Array | None = None,
+    platform: str | None = None,
 ) -> Partial:
     """Attention of new queries over the cached tokens of one layer.
 
@@ -350,7 +354,9 @@ def cached_attention(
       scale: softmax scale, default ``1 / sqrt(D)``.
       impl: ``auto`` | ``xla`` | ``pallas`` | ``pallas_interpret``.
       index: if given, ``layer`` is the stacked cache ([layers, ...]) and this attends
-        over its layer ``index``.
+        over its layer ``index`` (read in place: no per-layer copy).
+      platform: the platform the program is compiled for (``cpu``/``gpu``/``tpu``;
+        default: this process's backend). ``auto`` and the kernel body follow it.
 
     Returns:
       `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]).
@@ -360,7 +366,8 @@ def cached_attention(
             f"q must be [batch, tokens, q_heads, head_dim={config.head_dim}], got {q.shape}"
         )
     scale = config.head_dim**-0.5 if scale is None else scale
-    requested, impl = impl, resolve_impl(impl)
+    platform = canonical_platform(platform)
+    requested, impl = impl, resolve_impl(impl, platform)
     if requested == "auto" and q.shape[1] > 1:
         impl = "xla"  # the Pallas kernel is for decode; prefill chunks take XLA by design
     if impl in ("pallas", "pallas_interpret"):
@@ -369,12 +376,13 @@ def cached_attention(
         except ImportError as err:  # kernels not built for this install
             _warn_once(f"Pallas kernels unavailable ({err}); using the XLA attention path")
         else:
-            view = kv_cache.from_bits(layer_at(layer, index), config)
-            reason = kernels.unsupported_reason(q, view, config)
+            # On CPU (interpret mode) the kernel body is the TPU one.
+            backend = platform if platform in kernels.BACKENDS else "tpu"
+            reason = kernels.unsupported_reason(q, layer, config, backend, layer_index=index)
             if reason is None:
                 return kernels.cached_attention_pallas(
-                    q, view, lengths, config, scale=scale, interpret=impl == "pallas_interpret"
-                )
+                    q, layer, lengths, config, scale=scale, backend=backend,
+                    interpret=impl == "pallas_interpret", layer_index=index)
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
     return history_attention_xla(q, layer, lengths, config, scale=scale,
@@ -393,6 +401,7 @@ def attend_and_update(
     scale: float | None = None,
     impl: str = "auto",
     index: jax.Array | None = None,
+    platform: str | None = None,
 ) -> tuple[jax.Array, LayerKVCache]:
     """One attention layer's work for a chunk of new tokens (prefill or decode).
 
@@ -402,6 +411,7 @@ def attend_and_update(
         (then layer ``index`` is read and updated in place: see `update_layer`).
       lengths: [B] tokens cached before the chunk.
       counts: [B] valid chunk tokens per sequence (right padding beyond).
+      impl, platform: as in `cached_attention`.
 
     Returns:
       ``(out, new_layer)``: out [B, C, Hq, D] in q's dtype, the attention of every
@@ -410,7 +420,8 @@ def attend_and_update(
       valid chunk tokens appended.
     """
     scale = config.head_dim**-0.5 if scale is None else scale
-    history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl, index=index)
+    history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl, index=index,
+                               platform=platform)
     own = chunk_attention(q, k, v, counts, scale=scale)
     out = merge_partials(history, own).out.astype(q.dtype)
     # The update writes into the buffer the attention read. XLA does that in place only

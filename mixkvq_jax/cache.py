@@ -47,6 +47,7 @@ from flax import struct
 from mixkvq_jax import quant
 from mixkvq_jax.config import QUANT_BITS, KVQuantConfig
 from mixkvq_jax.salience import abs_query_per_kv_head, channel_permutation
+from mixkvq_jax.target import canonical_platform
 
 
 class CacheOverflowError(ValueError):
@@ -732,10 +733,11 @@ def from_bits(arrays: Any, config: KVQuantConfig) -> Any:
     return {name: restore(name, x) for name, x in arrays.items()}
 
 
-def scan_carries_bits() -> bool:
+def scan_carries_bits(platform: str | None = None) -> bool:
     """Whether the models carry the stacked cache through their layer scan as bits
-    (`to_bits`): on CPU, where XLA has no in-place 16-bit float update."""
-    return jax.default_backend() == "cpu"
+    (`to_bits`): on CPU, where XLA has no in-place 16-bit float update. ``platform``:
+    the target platform (default: this process's backend)."""
+    return canonical_platform(platform) == "cpu"
 
 
 def bits_form(cache: QuantizedKVCache) -> QuantizedKVCache:
@@ -757,10 +759,11 @@ def float_form(cache: QuantizedKVCache) -> QuantizedKVCache:
     return cache.replace(layers=from_bits(cache.layers, cache.config))
 
 
-def decode_loop_form(cache: QuantizedKVCache) -> QuantizedKVCache:
-    """The cache in the form a decode loop should hold it between steps on this backend:
-    `bits_form` where the layer scan carries bits (`scan_carries_bits`), else as is."""
-    return bits_form(cache) if scan_carries_bits() else cache
+def decode_loop_form(cache: QuantizedKVCache, platform: str | None = None) -> QuantizedKVCache:
+    """The cache in the form a decode loop should hold it between steps on ``platform``
+    (default: this process's backend): `bits_form` where the layer scan carries bits
+    (`scan_carries_bits`), else as is."""
+    return bits_form(cache) if scan_carries_bits(platform) else cache
 
 
 def _as_stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -86,8 +86,9 @@ class CausalLM(nnx.Module):
 
     # ---- pieces ------------------------------------------------------------------------
     def _run_layers(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], attend: AttendFn,
-                    caches: Any) -> tuple[jax.Array, Any]:
-        """Scan the stacked layers. x [B, T, E]; caches: stacked layer caches or None."""
+                    caches: Any, platform: str | None = None) -> tuple[jax.Array, Any]:
+        """Scan the stacked layers. x [B, T, E]; caches: stacked layer caches or None;
+        ``platform``: the target platform (see `mixkvq_jax.target`)."""
         graphdef, state = nnx.split(self.layers)
 
         def body(carry: tuple[jax.Array, Any], xs: tuple[Any, jax.Array]) -> tuple[Any, None]:
@@ -103,7 +104,7 @@ class CausalLM(nnx.Module):
         # XLA:CPU would update a 16-bit float stack by converting all of it, every layer.
         from mixkvq_jax.cache import scan_carries_bits, to_bits
 
-        bits = caches is not None and scan_carries_bits()
+        bits = caches is not None and scan_carries_bits(platform)
         if bits:
             dtypes = jax.tree.map(lambda a: a.dtype, caches)
             caches = jax.tree.map(to_bits, caches)
@@ -135,7 +136,8 @@ class CausalLM(nnx.Module):
 
     # ---- entry points ------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, cache: Any, counts: jax.Array | None = None, *,
-                 impl: str = "auto", logit_index: jax.Array | None = None) -> tuple[jax.Array, Any]:
+                 impl: str = "auto", logit_index: jax.Array | None = None,
+                 platform: str | None = None) -> tuple[jax.Array, Any]:
         """Run a chunk of tokens through the model, attending over and appending to the cache.
 
         Args:
@@ -148,6 +150,11 @@ class CausalLM(nnx.Module):
           impl: attention implementation (``auto``, ``xla``, ``pallas``,
             ``pallas_interpret``).
           logit_index: optional int32 [B]: return only the logits of that chunk token.
+          platform: the platform the program is compiled for (``cpu``, ``gpu``, ``tpu``;
+            default: this process's backend). ``impl="auto"``, the Pallas kernel body
+            and the CPU-only bits form of the layer scan follow it, so compiling for a
+            TPU from a CPU host takes the TPU paths (`mixkvq_jax.target.platform_of`
+            gives it for placed arrays).
 
         Returns:
           (logits float32 [B, C, V] (or [B, V] with ``logit_index``), updated cache with
@@ -166,9 +173,9 @@ class CausalLM(nnx.Module):
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, layers: Any, *,
                    index: jax.Array | None) -> tuple[jax.Array, Any]:
             return attend_and_update(q, k, v, layers, lengths, counts, kv_config, scale=scale,
-                                     impl=impl, index=index)
+                                     impl=impl, index=index, platform=platform)
 
-        x, layers = self._run_layers(self.embed(tokens), rope, attend, cache.layers)
+        x, layers = self._run_layers(self.embed(tokens), rope, attend, cache.layers, platform)
         return self.logits(x, logit_index), advance(cache, layers, counts)
 
     def forward_full(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -229,13 +236,14 @@ def module_from_params(params: Params, config: ModelConfig) -> CausalLM:
 
 def forward(params: Params, tokens: jax.Array, cache: Any, counts: jax.Array | None = None, *,
             config: ModelConfig, impl: str = "auto",
-            logit_index: jax.Array | None = None) -> tuple[jax.Array, Any]:
+            logit_index: jax.Array | None = None,
+            platform: str | None = None) -> tuple[jax.Array, Any]:
     """Functional `CausalLM.__call__`: (logits [B, C, V] or [B, V], updated cache).
 
-    Jit it with ``static_argnames=("config", "impl")`` and donate the cache.
+    Jit it with ``static_argnames=("config", "impl", "platform")`` and donate the cache.
     """
     return module_from_params(params, config)(tokens, cache, counts, impl=impl,
-                                              logit_index=logit_index)
+                                              logit_index=logit_index, platform=platform)
 
 
 def forward_full(params: Params, tokens: jax.Array, lengths: jax.Array | None = None, *,

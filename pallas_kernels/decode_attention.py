@@ -70,7 +70,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from mixkvq_jax.attention import Partial, merge_partials
-from mixkvq_jax.cache import LayerKVCache
+from mixkvq_jax.cache import LayerKVCache, from_bits, layer_at
 from mixkvq_jax.config import KVQuantConfig
 
 BACKENDS = ("tpu", "gpu")
@@ -137,12 +137,14 @@ def _resolve_backend(backend: str | None) -> str:
 
 
 def unsupported_reason(
-    q: jax.Array, layer: LayerKVCache, config: KVQuantConfig, backend: str | None = None
+    q: jax.Array, layer: LayerKVCache, config: KVQuantConfig, backend: str | None = None,
+    *, layer_index: Any = None,
 ) -> str | None:
     """Why the Pallas decode kernel cannot run this call (None: it can).
 
     Checks static shapes and the config only, so it is cheap and jit-safe.
-    ``q`` is [B, C, Hq, D]; ``layer`` one layer of the cache (no leading L axis).
+    ``q`` is [B, C, Hq, D]; ``layer`` one layer of the cache (no leading L axis) or,
+    with ``layer_index``, the stacked cache.
     """
     if q.ndim != 4:
         return f"q must be [batch, tokens, q_heads, head_dim], got shape {q.shape}"
@@ -157,9 +159,12 @@ def unsupported_reason(
                 f"{config.effective_value_granularity}"
                 f"{' with K-smoothing' if config.smooths_keys else ''} is served by the XLA "
                 "path (the kernel reads per_block scales only)")
-    if layer.residual_keys.ndim != 4:
-        return "layer must be one layer's cache ([B, H, ...] arrays, no leading layer axis)"
-    h = layer.residual_keys.shape[1]
+    stacked = layer_index is not None
+    if layer.residual_keys.ndim != 4 + stacked:
+        return ("layer must be the stacked cache ([L, B, H, ...] arrays) with layer_index"
+                if stacked else
+                "layer must be one layer's cache ([B, H, ...] arrays, no leading layer axis)")
+    h = layer.residual_keys.shape[1 + stacked]
     if hq % h:
         return f"{hq} query heads are not a multiple of {h} KV heads"
     platform = jax.default_backend()
@@ -274,7 +279,8 @@ class _Layout:
 
 
 def _cache_inputs(layer: LayerKVCache, config: KVQuantConfig) -> dict[str, jax.Array]:
-    """The block arrays the kernel reads, by name (empty ones left out)."""
+    """The block arrays the kernel reads, by name (empty ones left out): with a stacked
+    cache, the whole stacks ([L, B, H, NB, ...]), which the kernel reads in place."""
     arrays: dict[str, jax.Array] = {}
     if config.key_channels_full:
         arrays["key_full"] = layer.key_full
@@ -288,33 +294,26 @@ def _cache_inputs(layer: LayerKVCache, config: KVQuantConfig) -> dict[str, jax.A
     if config.quantizes_values:
         arrays["value_scales"] = layer.value_scales
         arrays["value_zeros"] = layer.value_zeros
+    if config.stores_permutation:
+        arrays["key_permutation"] = layer.key_permutation
     return arrays
 
 
-def _query_inputs(qg: jax.Array, layer: LayerKVCache, lay: _Layout) -> dict[str, jax.Array]:
-    """The query as the kernel reads it.
+def _query_inputs(qg: jax.Array, lay: _Layout) -> dict[str, jax.Array]:
+    """The query as the kernel reads it, once per (sequence, KV head).
 
-    ``qg`` is [B, H, Gq, D] float32 (scaled, padded). GPU: ``q`` itself, plus
-    ``key_permutation`` [B, H, NB, D] when stored (gathered in the kernel). TPU:
-    per-tier ``q_full`` / ``q{t}`` of [B, H, NB, Gq, n_t], gathered here by the
-    permutation when it is stored, else [B, H, Gq, n_t].
+    ``qg`` is [B, H, Gq, D] float32 (scaled, padded). GPU, and TPU with a stored
+    channel permutation (the kernel permutes it per block): ``q`` itself. TPU without
+    one: per-tier ``q_full`` / ``q{t}`` [B, H, Gq, n_t].
     """
-    if lay.backend == "gpu":
-        out = {"q": qg}
-        if lay.permuted:
-            out["key_permutation"] = layer.key_permutation
-        return out
-    if lay.permuted:
-        perm = layer.key_permutation.astype(jnp.int32)  # [B, H, NB, D]
-        qp = jnp.take_along_axis(qg[:, :, None], perm[:, :, :, None, :], axis=-1)
-    else:
-        qp = qg
+    if lay.backend == "gpu" or lay.permuted:
+        return {"q": qg}
     out: dict[str, jax.Array] = {}
     offset = lay.n_full
     if lay.n_full:
-        out["q_full"] = qp[..., :offset]
+        out["q_full"] = qg[..., :offset]
     for t, tier in enumerate(lay.tiers):
-        out[f"q{t}"] = qp[..., offset : offset + tier.n]
+        out[f"q{t}"] = qg[..., offset : offset + tier.n]
         offset += tier.n
     return out
 
@@ -330,14 +329,41 @@ def _mask_sinks(scores: jax.Array, block: Any, lay: _Layout) -> jax.Array:
     return jnp.where(token >= s, scores, -jnp.inf)
 
 
+def _permuted_tier_queries(refs: dict[str, Any], sub: Any, lay: _Layout) -> dict[str, jax.Array]:
+    """The query in block ``sub``'s channel order, per key tier: ``q_full`` / ``q{t}``
+    [Gq, n_t].
+
+    Mosaic has no lane gather, so the permutation is a one-hot [D, D] matrix
+    (``onehot[d, c] = perm[c] == d``, exact) applied on the MXU, then each tier's
+    columns are picked by a constant selection matrix (no unaligned lane slices). This
+    costs a D x D compare and small dots per block, and no HBM traffic.
+    """
+    d = lay.d
+    perm = refs["key_permutation"][pl.ds(sub, 1), :].astype(jnp.int32)  # [1, D]
+    rows = lax.broadcasted_iota(jnp.int32, (d, d), 0)
+    onehot = (rows == perm).astype(jnp.float32)  # [D (channel), D (position)]
+    qp = _dot(refs["q"][...], onehot)  # [Gq, D]: q at each permuted position
+    out: dict[str, jax.Array] = {}
+    offset = 0
+    names = (["q_full"] if lay.n_full else []) + [f"q{t}" for t in range(len(lay.tiers))]
+    counts = ([lay.n_full] if lay.n_full else []) + [tier.n for tier in lay.tiers]
+    for name, n in zip(names, counts, strict=True):
+        select = (lax.broadcasted_iota(jnp.int32, (d, n), 0)
+                  == lax.broadcasted_iota(jnp.int32, (d, n), 1) + offset)
+        out[name] = _dot(qp, select.astype(jnp.float32))
+        offset += n
+    return out
+
+
 def _tpu_block(refs: dict[str, Any], sub: Any, lay: _Layout, sc_ref: Any, m_ref: Any,
                l_ref: Any, acc_ref: Any, block: Any) -> None:
     """Fold block ``sub`` of the current step (cache block ``block``) into the running
     softmax state (TPU)."""
     cfg = lay.config
+    tier_queries = _permuted_tier_queries(refs, sub, lay) if lay.permuted else None
 
     def query(name: str) -> jax.Array:
-        return refs[name][sub] if lay.permuted else refs[name][...]
+        return tier_queries[name] if lay.permuted else refs[name][...]
 
     # Scores [Gq, R]: the full-precision tier, then one dot per planar slab and tier.
     if lay.n_full:
@@ -395,8 +421,9 @@ def _tpu_block(refs: dict[str, Any], sub: Any, lay: _Layout, sc_ref: Any, m_ref:
         acc_ref[i] = alpha * acc_ref[i] + part
 
 
-def _tpu_kernel(lengths_ref: Any, *refs_and_scratch: Any, names: Sequence[str],
-                lay: _Layout, blocks_per_step: int, steps: int) -> None:
+def _tpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_scratch: Any,
+                names: Sequence[str], lay: _Layout, blocks_per_step: int, steps: int) -> None:
+    del layer_ref  # used by the index maps only
     n_in = len(names)
     refs = dict(zip(names, refs_and_scratch[:n_in], strict=True))
     o_ref, lse_ref, sc_ref, m_ref, l_ref, acc_ref = refs_and_scratch[n_in:]
@@ -434,12 +461,31 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
-              num_splits: int, blocks_per_step: int, interpret: Any) -> tuple[jax.Array, ...]:
+def _cost_estimate(inputs: dict[str, jax.Array], lay: _Layout, batch: int, heads: int,
+                   num_splits: int) -> pl.CostEstimate:
+    """What one call reads and computes when every block of the layer is in use (the
+    kernel reads one layer of each stacked cache array, plus the query once)."""
+    nb = inputs["value_codes"].shape[3]
+    per_layer = sum(x.nbytes // x.shape[0] for name, x in inputs.items()
+                    if not name.startswith("q"))
+    queries = sum(x.nbytes for name, x in inputs.items() if name.startswith("q"))
+    outputs = batch * heads * num_splits * lay.gq * (lay.d + 1) * 4
+    blocks = batch * heads * nb
+    flops = blocks * 4 * lay.gq * lay.r * lay.d
+    if lay.permuted:
+        flops += blocks * 2 * lay.gq * lay.d * lay.d * 2
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(blocks * lay.gq * lay.r),
+                           bytes_accessed=int(per_layer + queries + outputs))
+
+
+def _call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.Array,
+              lay: _Layout, *, num_splits: int, blocks_per_step: int,
+              interpret: Any) -> tuple[jax.Array, ...]:
+    """The TPU kernel over stacked cache arrays ([L, B, H, NB, ...]): layer
+    ``layer_index`` is read in place, by the index maps (scalar prefetch)."""
     names = tuple(inputs)
     arrays = [inputs[n] for n in names]
-    b, h = lengths.shape[0], inputs["value_codes"].shape[1]
-    nb = inputs["value_codes"].shape[2]
+    b, h, nb = inputs["value_codes"].shape[1:4]
     s = _divisor_at_most(nb, blocks_per_step)
     total_steps = nb // s
     num_splits = max(1, min(num_splits, total_steps))
@@ -453,21 +499,19 @@ def _call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
         return jnp.minimum(si * steps + ti, last)
 
     def spec(name: str, x: jax.Array) -> pl.BlockSpec:
-        per_block = not name.startswith("q") or lay.permuted
-        if per_block:
-            tail = x.shape[3:]
-            zeros = (0,) * len(tail)
-            return pl.BlockSpec(
-                (None, None, s, *tail),
-                lambda bi, hi, si, ti, ln: (bi, hi, block_step(bi, si, ti, ln), *zeros),
-            )
-        tail = x.shape[2:]
-        zeros = (0,) * len(tail)
-        return pl.BlockSpec((None, None, *tail), lambda bi, hi, si, ti, ln: (bi, hi, *zeros))
+        if name.startswith("q"):  # [B, H, ...]: once per (sequence, head)
+            zeros = (0,) * (x.ndim - 2)
+            return pl.BlockSpec((None, None, *x.shape[2:]),
+                                lambda bi, hi, si, ti, ln, li: (bi, hi, *zeros))
+        zeros = (0,) * (x.ndim - 4)
+        return pl.BlockSpec(
+            (None, None, None, s, *x.shape[4:]),
+            lambda bi, hi, si, ti, ln, li: (li[0], bi, hi, block_step(bi, si, ti, ln), *zeros),
+        )
 
     pieces = lay.value_pieces()
 
-    def split_out(bi: Any, hi: Any, si: Any, ti: Any, ln: Any) -> tuple[Any, ...]:
+    def split_out(bi: Any, hi: Any, si: Any, ti: Any, ln: Any, li: Any) -> tuple[Any, ...]:
         return (bi, hi, si, 0, 0)
 
     out_specs = (
@@ -475,7 +519,7 @@ def _call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
         pl.BlockSpec((None, None, None, lay.gq, 1), split_out),
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, h, num_splits, steps),
         in_specs=[spec(n, x) for n, x in zip(names, arrays, strict=True)],
         out_specs=out_specs,
@@ -499,8 +543,9 @@ def _call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
+        cost_estimate=_cost_estimate(inputs, lay, b, h, num_splits),
         name="mixkvq_decode_attention_tpu",
-    )(lengths, *arrays)
+    )(lengths, layer_index.reshape(1), *arrays)
     return out, lse[..., 0]
 
 
@@ -525,17 +570,21 @@ def _fma_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-def _gpu_block(refs: dict[str, Any], blk: Any, lay: _Layout,
+def _gpu_block(refs: dict[str, Any], layer: Any, blk: Any, lay: _Layout,
                carry: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Fold block ``blk`` into (m [Gq], l [Gq], *acc [Gq, width]) (GPU)."""
+    """Fold block ``blk`` of layer ``layer`` into (m [Gq], l [Gq], *acc [Gq, width])
+    (GPU; the cache refs are [L, NB, ...] views of the stacks: pointer offsets)."""
     cfg = lay.config
     m_prev, l_prev, *acc = carry
+
+    def cache(name: str, *index: Any) -> jax.Array:
+        return refs[name][(layer, blk, *index)]
 
     def query(c0: int, n: int) -> jax.Array:
         """[Gq, n]: query channels at permuted positions c0 .. c0 + n of this block."""
         if not lay.permuted:
             return refs["q"][:, c0 : c0 + n]
-        channels = refs["key_permutation"][blk, c0 : c0 + n].astype(jnp.int32)  # [n]
+        channels = cache("key_permutation", slice(c0, c0 + n)).astype(jnp.int32)  # [n]
         rows = lax.broadcasted_iota(jnp.int32, (lay.gq, n), 0)
         # A pointer gather from the tiny, cache-resident query (two same-shape index
         # arrays: Triton's lowering cannot mix a slice with an index array).
@@ -543,7 +592,7 @@ def _gpu_block(refs: dict[str, Any], blk: Any, lay: _Layout,
 
     scores = jnp.zeros((lay.gq, lay.r), jnp.float32)
     for c0, n in lay.gpu_chunks(lay.n_full):
-        keys = refs["key_full"][blk, c0 : c0 + n, :].astype(jnp.float32)  # [n, R]
+        keys = cache("key_full", slice(c0, c0 + n)).astype(jnp.float32)  # [n, R]
         scores = scores + _fma_dot(query(c0, n), keys)
     if lay.tiers:
         g = cfg.key_group_size
@@ -552,9 +601,10 @@ def _gpu_block(refs: dict[str, Any], blk: Any, lay: _Layout,
         for t, tier in enumerate(lay.tiers):
             for c0, n in lay.gpu_chunks(tier.n):
                 q_t = query(offset + c0, n)
-                codes = _gpu_unpack_all(refs[f"key_codes{t}"][blk, c0 : c0 + n, :], tier.bits)
-                scales = refs[f"key_scales{t}"][blk, c0 : c0 + n, :].astype(jnp.float32)
-                zeros = refs[f"key_zeros{t}"][blk, c0 : c0 + n, :].astype(jnp.float32)
+                rows = slice(c0, c0 + n)
+                codes = _gpu_unpack_all(cache(f"key_codes{t}", rows), tier.bits)
+                scales = cache(f"key_scales{t}", rows).astype(jnp.float32)
+                zeros = cache(f"key_zeros{t}", rows).astype(jnp.float32)
                 scores = scores + _fma_dot(q_t, codes * _gpu_tokens(scales, g))
                 bias = bias + _fma_dot(q_t, zeros)
             offset += tier.n
@@ -569,21 +619,21 @@ def _gpu_block(refs: dict[str, Any], blk: Any, lay: _Layout,
     new_acc = []
     for i, pc in enumerate(lay.value_pieces()):
         if cfg.quantizes_values:
-            words = refs["value_codes"][blk, :, pc.word : pc.word + pc.width]  # [R, width]
-            codes = _codes(words, cfg.value_bits, pc.slab)
-            v_scale = refs["value_scales"][blk, :, pc.group].astype(jnp.float32)  # [R]
-            v_zero = refs["value_zeros"][blk, :, pc.group].astype(jnp.float32)
+            words = cache("value_codes", slice(None), slice(pc.word, pc.word + pc.width))
+            codes = _codes(words, cfg.value_bits, pc.slab)  # [R, width]
+            v_scale = cache("value_scales", slice(None), pc.group).astype(jnp.float32)  # [R]
+            v_zero = cache("value_zeros", slice(None), pc.group).astype(jnp.float32)
             part = _fma_dot(p * v_scale[None, :], codes)
             part = part + jnp.sum(p * v_zero[None, :], axis=1)[:, None]
         else:
-            values = refs["value_codes"][blk, :, pc.start : pc.start + pc.width]
+            values = cache("value_codes", slice(None), slice(pc.start, pc.start + pc.width))
             part = _fma_dot(p, values.astype(jnp.float32))
         new_acc.append(alpha[:, None] * acc[i] + part)
     return (m_new, l_new, *new_acc)
 
 
-def _gpu_kernel(lengths_ref: Any, *refs_and_outs: Any, names: Sequence[str], lay: _Layout,
-                blocks_per_split: int) -> None:
+def _gpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_outs: Any, names: Sequence[str],
+                lay: _Layout, blocks_per_split: int) -> None:
     n_in = len(names)
     refs = dict(zip(names, refs_and_outs[:n_in], strict=True))
     o_ref, lse_ref = refs_and_outs[n_in:]
@@ -597,33 +647,40 @@ def _gpu_kernel(lengths_ref: Any, *refs_and_outs: Any, names: Sequence[str], lay
         jnp.zeros((lay.gq,), jnp.float32),
         *[jnp.zeros((lay.gq, pc.width), jnp.float32) for pc in pieces],
     )
-    m, total, *acc = lax.fori_loop(start, stop, lambda i, c: _gpu_block(refs, i, lay, c),
-                                   carry)
+    layer = layer_ref[0]
+    m, total, *acc = lax.fori_loop(start, stop,
+                                   lambda i, c: _gpu_block(refs, layer, i, lay, c), carry)
     safe = jnp.where(total > 0, total, 1.0)
     for pc, a in zip(pieces, acc, strict=True):
         o_ref[:, pc.start : pc.start + pc.width] = a / safe[:, None]
     lse_ref[...] = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
 
 
-def _call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
-              num_splits: int, interpret: Any) -> tuple[jax.Array, ...]:
+def _call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.Array,
+              lay: _Layout, *, num_splits: int, interpret: Any) -> tuple[jax.Array, ...]:
+    """The Triton kernel over stacked cache arrays ([L, B, H, NB, ...]): each program
+    gets [L, NB, ...] views of its (sequence, head) and offsets them by the layer."""
     names = tuple(inputs)
     arrays = [inputs[n] for n in names]
-    b, h = lengths.shape[0], inputs["value_codes"].shape[1]
-    nb = inputs["value_codes"].shape[2]
+    b, h, nb = inputs["value_codes"].shape[1:4]
     num_splits = max(1, min(num_splits, nb))
     per_split = pl.cdiv(nb, num_splits)
 
-    def spec(x: jax.Array) -> pl.BlockSpec:
-        tail = x.shape[2:]
-        zeros = (0,) * len(tail)
-        return pl.BlockSpec((None, None, *tail), lambda bi, hi, si: (bi, hi, *zeros))
+    def spec(name: str, x: jax.Array) -> pl.BlockSpec:
+        if name.startswith("q"):  # [B, H, ...]
+            zeros = (0,) * (x.ndim - 2)
+            return pl.BlockSpec((None, None, *x.shape[2:]), lambda bi, hi, si: (bi, hi, *zeros))
+        zeros = (0,) * (x.ndim - 3)
+        return pl.BlockSpec((x.shape[0], None, None, *x.shape[3:]),
+                            lambda bi, hi, si: (0, bi, hi, *zeros))
 
     kernel = functools.partial(_gpu_kernel, names=names, lay=lay, blocks_per_split=per_split)
     return pl.pallas_call(
         kernel,
         grid=(b, h, num_splits),
-        in_specs=[pl.BlockSpec((b,), lambda bi, hi, si: (0,)), *[spec(x) for x in arrays]],
+        in_specs=[pl.BlockSpec((b,), lambda bi, hi, si: (0,)),
+                  pl.BlockSpec((1,), lambda bi, hi, si: (0,)),
+                  *[spec(n, x) for n, x in zip(names, arrays, strict=True)]],
         out_specs=(
             pl.BlockSpec((None, None, None, lay.gq, lay.d), lambda bi, hi, si: (bi, hi, si, 0, 0)),
             pl.BlockSpec((None, None, None, lay.gq), lambda bi, hi, si: (bi, hi, si, 0)),
@@ -634,8 +691,9 @@ def _call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, lay: _Layout, *,
         ),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
+        cost_estimate=_cost_estimate(inputs, lay, b, h, num_splits),
         name="mixkvq_decode_attention_gpu",
-    )(lengths, *arrays)
+    )(lengths, layer_index.reshape(1), *arrays)
 
 
 # ---- wrapper ------------------------------------------------------------------------------
@@ -685,12 +743,14 @@ def cached_attention_pallas(
     backend: str | None = None,
     num_splits: int | None = None,
     blocks_per_step: int = 8,
+    layer_index: Any = None,
 ) -> Partial:
     """Decode attention of q [B, 1, Hq, D] over each sequence's first ``lengths`` tokens.
 
     Args:
       q: [B, 1, Hq, D] post-RoPE queries, Hq a multiple of the cache's KV heads H.
-      layer: one layer's `LayerKVCache` (arrays [B, H, ...], no leading layer axis).
+      layer: one layer's `LayerKVCache` (arrays [B, H, ...], no leading layer axis) or,
+        with ``layer_index``, the stacked cache ([L, B, H, ...]).
       lengths: [B] int32 cached tokens per sequence.
       config: the cache's `KVQuantConfig`.
       scale: softmax scale.
@@ -701,6 +761,9 @@ def cached_attention_pallas(
         also allows cross-platform lowering (`jax.export`) on a CPU host.
       num_splits: sequence splits per (sequence, head), merged by log-sum-exp.
       blocks_per_step: TPU only, cache blocks DMA'd per grid step.
+      layer_index: with a stacked ``layer``, the layer to attend over (a traced int is
+        fine). The kernel reads that layer of the stack in place (TPU: scalar prefetch
+        into the index maps; GPU: a pointer offset): no per-layer copy of the cache.
 
     Returns:
       `Partial`: out [B, 1, Hq, D] float32 normalized, lse [B, 1, Hq] (-inf where a
@@ -712,27 +775,36 @@ def cached_attention_pallas(
             "impl='pallas_interpret' (interpret mode) or impl='xla'"
         )
     backend = _resolve_backend(backend)
-    reason = unsupported_reason(q, layer, config, backend)
+    reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index)
     if reason is not None:
         raise ValueError(f"Pallas decode attention: {reason}")
+    if layer_index is None:  # one layer: a stack of one (a free reshape)
+        layer, layer_index = jax.tree.map(lambda x: x[None], layer), 0
+    layer_index = jnp.asarray(layer_index, jnp.int32)
+    # A stack in CPU bits form (`cache.to_bits`; interpret mode only: compiled TPU / GPU
+    # programs carry floats) is read as floats.
+    layer = from_bits(layer, config)
     b, _, hq, d = q.shape
-    h = layer.residual_keys.shape[1]
+    h = layer.residual_keys.shape[2]
     group = hq // h
     gq = -(-group // 8) * 8 if backend == "tpu" else 1 << (group - 1).bit_length()
     lay = _Layout(config, gq, backend)
 
     qg = (q[:, 0].astype(jnp.float32) * scale).reshape(b, h, group, d)
     qg_pad = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - group), (0, 0)))
-    inputs = {**_query_inputs(qg_pad, layer, lay), **_cache_inputs(layer, config)}
+    inputs = {**_query_inputs(qg_pad, lay), **_cache_inputs(layer, config)}
     lengths = jnp.asarray(lengths, jnp.int32)
-    nb = layer.value_codes.shape[2]
+    nb = layer.value_codes.shape[3]
     splits = num_splits or default_num_splits(b, h, nb, backend)
     if backend == "tpu":
-        out, lse = _call_tpu(inputs, lengths, lay, num_splits=splits,
+        out, lse = _call_tpu(inputs, lengths, layer_index, lay, num_splits=splits,
                              blocks_per_step=blocks_per_step, interpret=interpret)
     else:
-        out, lse = _call_gpu(inputs, lengths, lay, num_splits=splits, interpret=interpret)
+        out, lse = _call_gpu(inputs, lengths, layer_index, lay, num_splits=splits,
+                             interpret=interpret)
     out, lse = _merge_splits(out[:, :, :, :group], lse[:, :, :, :group])
+    # The small per-layer arrays (residual window, sinks): this layer's slices.
+    layer = layer_at(layer, layer_index)
     r = config.residual_length
     window = Partial(*_dense_partial(qg, layer.residual_keys, layer.residual_values,
                                      jnp.arange(r)[None, :] < (lengths % r)[:, None]))
