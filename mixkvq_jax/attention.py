@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mixkvq_jax import cache as kv_cache
-from mixkvq_jax import quant
+from mixkvq_jax import layout, quant
 from mixkvq_jax.cache import BLOCK_FIELDS, LayerKVCache, layer_at, update_layer
 from mixkvq_jax.config import KVQuantConfig
 from mixkvq_jax.target import canonical_platform
@@ -228,7 +228,8 @@ def history_attention_xla(
     gq = qg.shape[2]
     m = gq * c
     qm = qg.reshape(b, kv_heads, m, d)
-    n_slots = blocks["key_full"].shape[3]
+    fields = layout.block_fields(config)
+    n_slots = blocks["value_codes"].shape[3] // fields["value_codes"].rows
     step = max(1, min(blocks_per_step or BLOCKS_PER_STEP, n_slots))
     n_blocks = lengths // r  # [B]
     # Codes unpacked word-major where they pack evenly (`quant.unpack_word_major`, one
@@ -245,12 +246,14 @@ def history_attention_xla(
     def body(i: jax.Array, carry: _Carry) -> _Carry:
         # The last step may overlap the previous one; blocks already seen are masked.
         start = jnp.minimum(i * step, n_slots - step)
-        sl = jax.tree.map(lambda x: jax.lax.dynamic_slice(
-            x, (index, 0, 0, start, *([0] * (x.ndim - 4))), (1, *x.shape[1:3], step,
-                                                             *x.shape[4:]))[0], blocks)
+        sl = {name: jax.lax.dynamic_slice(
+            x, (index, 0, 0, start * fields[name].rows, 0),
+            (1, *x.shape[1:3], step * fields[name].rows, x.shape[4]))[0]
+            for name, x in blocks.items()}
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
         sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
+        sl = layout.unpack(sl, config)  # the parts, [B, H, step, ...]
         if token_bits is not None:  # value rows in the keys' token order
             sl = {**sl, **{name: quant.word_major_order(sl[name], token_bits, axis=3)
                            for name in ("value_codes", "value_scales", "value_zeros")}}

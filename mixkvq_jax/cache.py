@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mixkvq_jax import quant
+from mixkvq_jax import layout, quant
 from mixkvq_jax.config import QUANT_BITS, KVQuantConfig
 from mixkvq_jax.salience import abs_query_per_kv_head, channel_permutation
 from mixkvq_jax.target import canonical_platform
@@ -59,26 +59,14 @@ class LayerKVCache:
     """One layer's cache (a leading ``[layers]`` axis is added when stacked).
 
     Shapes below omit that axis. B = batch, H = KV heads, NB = blocks, R = tokens per
-    block, D = head_dim, n_t = channels of key tier t, b_t its bits, G / Gv = key /
-    value group sizes, bv = value bits.
+    block, D = head_dim.
 
     Attributes:
-      key_full: [B, H, NB, n_full, R] ``full_dtype``, full-precision key tier
-        (permuted channel order, channel-major).
-      key_codes: per quantized tier, [B, H, NB, n_t, R * b_t / 32] uint32, codes packed
-        along tokens.
-      key_scales, key_zeros: per quantized tier, [B, H, NB, n_t, R / G] ``scale_dtype``.
-      key_permutation: [B, H, NB, D] (uint8 for D <= 256): permuted position c holds
-        original channel ``key_permutation[..., c]``; [B, H, NB, 0] when not stored
-        (single tier, or ``salience="none"``: identity order).
-      value_codes: [B, H, NB, R, D * bv / 32] uint32 packed along channels, or
-        [B, H, NB, R, D] ``full_dtype`` when values are not quantized.
-      value_scales, value_zeros: [B, H, NB, R, D / Gv] (``[..., 0]`` when unquantized).
-
-      With ``key_granularity="per_token"`` the key scales/zeros are [B, H, NB, 1, R];
-      with ``value_granularity="per_token"`` the value ones [B, H, NB, R, 1]; with
-      ``per_channel`` / ``per_tensor`` both are zero-size ([..., n_t, 0] / [..., R, 0])
-      and the pairs live in the fixed fields below.
+      key_full, key_codes, key_params, value_codes, value_params: the quantized
+        blocks, as the stored fields of `mixkvq_jax.layout` (each [B, H, NB * rows,
+        128]: block j of a sequence and head is rows ``j * rows .. (j + 1) * rows``,
+        its parts one after the other). `block_parts` gives the parts (codes, scales,
+        zero points, permutation) in their natural shapes.
       residual_keys, residual_values: [B, H, R, D] ``full_dtype``, the recent tokens.
       query_abs_sum: [B, H, D] float32, running sum of mean |q| per KV head (MixKVQ I_d).
       query_count: [B] int32, queries accumulated in ``query_abs_sum``.
@@ -93,13 +81,10 @@ class LayerKVCache:
     """
 
     key_full: jax.Array
-    key_codes: tuple[jax.Array, ...]
-    key_scales: tuple[jax.Array, ...]
-    key_zeros: tuple[jax.Array, ...]
-    key_permutation: jax.Array
+    key_codes: jax.Array
+    key_params: jax.Array
     value_codes: jax.Array
-    value_scales: jax.Array
-    value_zeros: jax.Array
+    value_params: jax.Array
     residual_keys: jax.Array
     residual_values: jax.Array
     query_abs_sum: jax.Array
@@ -153,23 +138,6 @@ def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def _key_param_shape(config: KVQuantConfig, count: int) -> tuple[int, int]:
-    """Per-block scale/zero shape of a key tier of ``count`` channels: [rows, cols]."""
-    r = config.residual_length
-    granularity = config.effective_key_granularity
-    if granularity == "per_block":
-        return count, r // config.key_group_size
-    return (1, r) if granularity == "per_token" else (count, 0)
-
-
-def _value_param_groups(config: KVQuantConfig) -> int:
-    """Per-token value scale/zero groups per block token (0: none stored per block)."""
-    if not config.quantizes_values:
-        return 0
-    return {"per_block": config.head_dim // config.value_group_size,
-            "per_token": 1}.get(config.effective_value_granularity, 0)
-
-
 def init_layer(
     config: KVQuantConfig, *, batch: int, num_kv_heads: int, max_len: int
 ) -> LayerKVCache:
@@ -177,29 +145,10 @@ def init_layer(
     b, h, r, d = batch, num_kv_heads, config.residual_length, config.head_dim
     nb = config.num_blocks(max_len)
     full, scale = _dtype(config.full_dtype), _dtype(config.scale_dtype)
-    key_codes = tuple(
-        jnp.zeros((b, h, nb, n, quant.packed_length(r, bits)), jnp.uint32)
-        for bits, n in config.key_tiers
-    )
-    key_params = tuple(
-        jnp.zeros((b, h, nb, *_key_param_shape(config, n)), scale) for _, n in config.key_tiers
-    )
-    n_perm = d if config.stores_permutation else 0
-    if config.quantizes_values:
-        n_words = quant.packed_length(d, config.value_bits)
-        value_codes = jnp.zeros((b, h, nb, r, n_words), jnp.uint32)
-    else:
-        value_codes = jnp.zeros((b, h, nb, r, d), full)
-    n_value_groups = _value_param_groups(config)
+    blocks = {name: jnp.zeros((b, h, *layout.field_shape(field, nb)), field.dtype)
+              for name, field in layout.block_fields(config).items()}
     return LayerKVCache(
-        key_full=jnp.zeros((b, h, nb, config.key_channels_full, r), full),
-        key_codes=key_codes,
-        key_scales=key_params,
-        key_zeros=tuple(jnp.zeros_like(p) for p in key_params),
-        key_permutation=jnp.zeros((b, h, nb, n_perm), _dtype(config.permutation_dtype)),
-        value_codes=value_codes,
-        value_scales=jnp.zeros((b, h, nb, r, n_value_groups), scale),
-        value_zeros=jnp.zeros((b, h, nb, r, n_value_groups), scale),
+        **blocks,
         residual_keys=jnp.zeros((b, h, r, d), full),
         residual_values=jnp.zeros((b, h, r, d), full),
         query_abs_sum=jnp.zeros((b, h, d), jnp.float32),
@@ -325,8 +274,7 @@ def quantize_blocks(
     }
 
 
-BLOCK_FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "key_permutation",
-                "value_codes", "value_scales", "value_zeros")
+BLOCK_FIELDS = layout.FIELDS  # the stored block fields (`mixkvq_jax.layout`)
 # Per-sequence statistics fixed at the first chunk (per_channel / per_tensor, K-smoothing).
 FIXED_FIELDS = ("key_fixed_scales", "key_fixed_zeros", "value_fixed_scales",
                 "value_fixed_zeros", "key_mean")
@@ -334,6 +282,12 @@ FIXED_FIELDS = ("key_fixed_scales", "key_fixed_zeros", "value_fixed_scales",
 
 def _block_arrays(layer: LayerKVCache) -> dict[str, Any]:
     return {name: getattr(layer, name) for name in BLOCK_FIELDS}
+
+
+def block_parts(layer: LayerKVCache, config: KVQuantConfig) -> dict[str, Any]:
+    """The blocks' parts ([B, H, NB, ...]: codes, scales, zero points, permutation;
+    see `mixkvq_jax.layout`) of a layer, in the form `quantize_blocks` returns."""
+    return layout.unpack(_block_arrays(layer), config)
 
 
 def fixed_arrays(layer: LayerKVCache) -> dict[str, jax.Array]:
@@ -485,7 +439,7 @@ def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.A
     Returns keys and values, each [B, H, NB, R, D] (slots past a sequence's block
     count hold zeros or stale data; mask them by length).
     """
-    arrays = {**_block_arrays(layer), **fixed_arrays(layer)}
+    arrays = {**block_parts(layer, config), **fixed_arrays(layer)}
     return dequantize_block_keys(arrays, config), dequantize_block_values(arrays, config)
 
 
@@ -615,8 +569,9 @@ def update_layer(
         n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
         mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
         per_block = {name: x[:, :, None] for name, x in fixed.items()}  # [B, H, 1, P]
-        return quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config,
-                               per_block)
+        parts = quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config,
+                                per_block)
+        return layout.pack(parts, config)  # [B, H, F * rows, LANES] per field
 
     # Under shard_map, the cond's branches must agree on which mesh axes their outputs
     # vary over: adding a zero taken from the data gives every output the data's.
@@ -632,32 +587,33 @@ def update_layer(
     # Only the new blocks go through the cond (its operands and results are copied);
     # the cache's block arrays are updated in place by the writes below, every step.
     new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()), no_blocks)
+    fields = layout.block_fields(config)
     # Block j of sequence s goes to slot lengths // r + j if j < n_flush[s]; otherwise the
     # slot's old block is written back (a no-op). One dynamic_update_slice per (s, j),
     # in a loop: XLA applies those in place, also into a stack of layers, and for every
     # dtype (a scatter of 16-bit floats is rewritten on CPU to convert the whole target
     # to float32 and back: the whole stack, every layer).
-    nb = stacked.key_full.shape[2 if index is None else 3]
+    nb = stacked.value_codes.shape[-2] // fields["value_codes"].rows
     base = [] if index is None else [index]
-    targets = _block_arrays(stacked)
+    targets = {name: x for name, x in _block_arrays(stacked).items() if fields[name].rows}
 
     def write_one(n: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
         s_, j_ = n // n_flush_max, n % n_flush_max
         slot = jnp.minimum(lengths[s_] // r + j_, nb - 1)
         keep = j_ >= n_flush[s_]
 
-        def put(old: jax.Array, upd: jax.Array) -> jax.Array:
-            block = jax.lax.dynamic_index_in_dim(
-                jax.lax.dynamic_index_in_dim(upd, s_, 0, keepdims=False), j_, 1,
-                keepdims=True)  # [H, 1, ...]
+        def put(name: str, old: jax.Array) -> jax.Array:
+            rows = fields[name].rows  # the block's rows in the field
+            upd = jax.lax.dynamic_index_in_dim(new[name], s_, 0, keepdims=False)
+            block = jax.lax.dynamic_slice_in_dim(upd, j_ * rows, rows, axis=1)  # [H, rows, L]
             block = _as_stored(block, old.dtype)
-            start = (*base, s_, 0, slot, *([0] * (old.ndim - len(base) - 3)))
+            start = (*base, s_, 0, slot * rows, 0)
             size = (*([1] * len(base)), 1, *block.shape)
             current = jax.lax.dynamic_slice(old, start, size)
             block = _select_bits(keep, current, block.reshape(size))
             return jax.lax.dynamic_update_slice(old, block, start)
 
-        return jax.tree.map(put, arrays, new)
+        return {name: put(name, old) for name, old in arrays.items()}
 
     blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
     small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
@@ -697,7 +653,8 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 # The 16-bit float fields (``full_dtype`` / ``scale_dtype``); the others are integers
 # or float32.
 _FULL_FIELDS = ("key_full", "residual_keys", "residual_values", "sink_keys", "sink_values")
-_SCALE_FIELDS = ("key_scales", "key_zeros", "value_scales", "value_zeros", "key_fixed_scales",
+_SCALE_FIELDS = ("key_params", "value_params", "key_scales", "key_zeros", "value_scales",
+                 "value_zeros", "key_fixed_scales",
                  "key_fixed_zeros", "value_fixed_scales", "value_fixed_zeros")
 
 

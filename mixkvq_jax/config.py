@@ -315,12 +315,17 @@ class KVQuantConfig:
             value_params = 2 * value_pairs * self.scale_bytes
         else:
             value_codes, value_params = r * d * self.full_bytes, 0
+        from mixkvq_jax.layout import padding_bytes_per_block  # layout imports config
+
         return {
             "key_codes": key_codes,
             "key_scales_zeros": key_params,
             "key_permutation": perm,
             "value_codes": value_codes,
             "value_scales_zeros": value_params,
+            # Each stored field pads a block to whole rows of 128 elements
+            # (`mixkvq_jax.layout`): allocated, so counted.
+            "row_padding": padding_bytes_per_block(self),
         }
 
     def fixed_bytes(self) -> dict[str, int]:

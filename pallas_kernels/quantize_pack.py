@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from mixkvq_jax.config import KVQuantConfig
 from mixkvq_jax.salience import channel_permutation
 
-from .decode_attention import BACKENDS, _channel_chunks, _pieces, _resolve_backend
+from .decode_plan import BACKENDS, channel_chunks, pieces, resolve_backend
 
 _BF16_LOW_BITS = 0xFFFF  # the float32 mantissa bits bfloat16 drops
 
@@ -40,7 +40,7 @@ def unsupported_reason(config: KVQuantConfig, backend: str | None = None) -> str
     if config.scale_dtype not in ("bfloat16", "float32"):
         return (f"scale_dtype={config.scale_dtype!r}: the kernel rounds scales to bfloat16 "
                 "or float32 only")
-    if _resolve_backend(backend) == "gpu":
+    if resolve_backend(backend) == "gpu":
         sizes = {"residual_length": config.residual_length,
                  "key_group_size": config.key_group_size}
         if config.quantizes_values:
@@ -114,7 +114,7 @@ def _kernel(keys_ref: Any, values_ref: Any, *out_refs: Any, config: KVQuantConfi
         config.key_tiers, key_outs, strict=True
     ):
         words = r * bits // 32
-        for c0, n in _channel_chunks(count, chunk_cap if pow2 else count, pow2):
+        for c0, n in channel_chunks(count, chunk_cap if pow2 else count, pow2):
             rows = slice(offset + c0, offset + c0 + n)
             out_rows = slice(c0, c0 + n)
             params = {}
@@ -125,7 +125,7 @@ def _kernel(keys_ref: Any, values_ref: Any, *out_refs: Any, config: KVQuantConfi
                 zeros_ref[out_rows, grp : grp + 1] = zero.astype(zeros_ref.dtype)
                 params[grp] = (scale, zero)
             codes_ref[out_rows, :] = jnp.zeros((n, words), jnp.uint32)
-            for pc in _pieces(r, words, g, min(words, g)):
+            for pc in pieces(r, words, g, min(words, g)):
                 x = keys_ref[rows, pc.start : pc.start + pc.width].astype(jnp.float32)
                 c = _codes(x, *params[pc.group], bits, backend) << jnp.uint32(bits * pc.slab)
                 cols = slice(pc.word, pc.word + pc.width)
@@ -144,7 +144,7 @@ def _kernel(keys_ref: Any, values_ref: Any, *out_refs: Any, config: KVQuantConfi
         v_zeros_ref[:, grp : grp + 1] = zero.astype(v_zeros_ref.dtype)
         params[grp] = (scale, zero)
     v_codes_ref[...] = jnp.zeros(v_codes_ref.shape, jnp.uint32)
-    for pc in _pieces(d, words, gv, min(words, gv)):
+    for pc in pieces(d, words, gv, min(words, gv)):
         x = values_ref[:, pc.start : pc.start + pc.width].astype(jnp.float32)
         c = _codes(x, *params[pc.group], bits, backend) << jnp.uint32(bits * pc.slab)
         cols = slice(pc.word, pc.word + pc.width)
@@ -216,7 +216,7 @@ def quantize_blocks_pallas(
     Returns:
       The `LayerKVCache` block fields, exactly as `quantize_blocks` returns them.
     """
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     reason = unsupported_reason(config, backend)
     if reason is not None:
         raise ValueError(f"Pallas quantize-pack: {reason}")

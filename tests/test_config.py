@@ -25,8 +25,11 @@ def test_mixkvq_preset_bits_and_bytes():
     assert cfg.average_value_bits == 2
     assert cfg.compression_vs_bf16 < 0.22
     # 22 B codes + 62 channels x 2 params x 2 B / 32 tokens + 64 B perm / 128 tokens
-    # + 16 B value codes + 2 groups x 2 params x 2 B
-    assert cfg.bytes_per_token == pytest.approx(22 + 7.75 + 0.5 + 16 + 8)
+    # + 16 B value codes + 2 groups x 2 params x 2 B, plus the row padding of the
+    # stored layout: key codes + permutation words 592 -> 640 words (48 x 4 B), key
+    # params 496 -> 512 bf16 (16 x 2 B), per 128-token block
+    assert cfg.block_bytes()["row_padding"] == 48 * 4 + 16 * 2
+    assert cfg.bytes_per_token == pytest.approx(22 + 7.75 + 0.5 + 16 + 8 + 224 / 128)
 
 
 def test_sink_tokens_yaml_bytes_and_description(tmp_path):

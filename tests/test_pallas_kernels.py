@@ -23,6 +23,7 @@ from mixkvq_jax import attention as attn
 from mixkvq_jax import cache as kvc
 from mixkvq_jax import quant
 from mixkvq_jax.config import load_kv_config
+from mixkvq_jax.layout import block_fields
 from mixkvq_jax.pallas_kernels import decode_attention as da
 from mixkvq_jax.pallas_kernels import quantize_pack as qp
 
@@ -117,20 +118,15 @@ def test_blocks_past_the_length_are_never_read(backend):
     q = _query(len(lengths), 4, 32)
     want = _oracle(q, layer, lens, config=cfg, scale=SCALE)
     used = (lens // cfg.residual_length)[:, None, None]  # [B, 1, 1]
-    stale = jnp.arange(layer.value_scales.shape[2])[None, None, :] >= used
+    fields = block_fields(cfg)
 
-    def poison(x):
-        if x.ndim < 4 or x.shape[2] != stale.shape[-1] or not jnp.issubdtype(x.dtype,
-                                                                            jnp.floating):
-            return x
-        return jnp.where(stale.reshape(*stale.shape, *([1] * (x.ndim - 3))), jnp.nan, x)
+    def poison(name: str, x: jax.Array) -> jax.Array:
+        """NaN scales / zeros in the rows of every block past the sequence's last."""
+        slot = jnp.arange(x.shape[2]) // fields[name].rows  # [NB * rows]: each row's block
+        return jnp.where((slot[None, None, :] >= used)[..., None], jnp.nan, x)
 
-    poisoned = layer.replace(
-        key_scales=tuple(poison(x) for x in layer.key_scales),
-        key_zeros=tuple(poison(x) for x in layer.key_zeros),
-        value_scales=poison(layer.value_scales),
-        value_zeros=poison(layer.value_zeros),
-    )
+    poisoned = layer.replace(key_params=poison("key_params", layer.key_params),
+                             value_params=poison("value_params", layer.value_params))
     got = _pallas(q, poisoned, lens, cfg, backend, num_splits=1, blocks_per_step=1)
     _assert_matches(got, want)
 

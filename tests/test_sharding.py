@@ -79,10 +79,9 @@ def test_cache_partition_specs():
     specs = cache_partition_specs(cache)
     assert specs.lengths == P("data") and specs.overflow == P("data")
     assert specs.layers.query_count == P(None, "data")
-    for name in ("residual_keys", "residual_values", "key_full", "key_permutation",
-                 "value_codes", "query_abs_sum"):
+    for name in ("residual_keys", "residual_values", "key_full",
+                 "value_codes", "key_codes", "key_params", "value_params", "query_abs_sum"):
         assert getattr(specs.layers, name) == P(None, "data", "model"), name
-    assert all(s == P(None, "data", "model") for s in specs.layers.key_codes)
     assert specs.config == cache.config and specs.max_len == cache.max_len  # static fields
 
 
