@@ -17,9 +17,10 @@ This module walks the optimized program instead:
 * **Partial and in-place access.** A fusion whose root (or a root tuple element) is a
   ``dynamic-update-slice`` into a fusion parameter writes the update, not the buffer, and
   that parameter is not read; a fusion parameter used only through ``dynamic-slice`` /
-  ``slice`` / ``gather`` (through bitcasts) reads the sliced bytes. The same holds for
-  unfused ``dynamic-update-slice`` / ``dynamic-slice`` / ``slice`` / ``gather`` and for
-  TPU's async ``slice-start``.
+  ``slice`` / ``gather`` (through bitcasts and nested fusions) reads the sliced bytes.
+  The same holds for unfused ``dynamic-update-slice`` / ``dynamic-slice`` / ``slice`` /
+  ``gather`` and for TPU's async ``slice-start``. A value that leaves a fusion (its root)
+  counts whole.
 * **Loops.** A ``while`` body runs ``n`` times and its condition ``n + 1`` times, ``n``
   from ``known_trip_count`` in the backend config (XLA:CPU/GPU print it) or, when absent
   (XLA:TPU), from the loop's pattern: the condition compares a counter (tuple element k)
@@ -217,6 +218,10 @@ class _Walker:
     def param_read(self, fused: Computation, name: str, full: int) -> int:
         """Bytes a fusion reads of the parameter (or value) ``name``: the sliced bytes when
         it is used only through slices, 0 when only updated in place, else ``full``."""
+        root = fused.root
+        if root is not None and (name == root.name or (root.opcode == "tuple"
+                                                       and name in root.operands)):
+            return full  # the value leaves the computation: its consumer reads it all
         total = 0
         for user, index in fused.users.get(name, []):
             if user.opcode == "bitcast" or user.opcode == "get-tuple-element":
@@ -225,11 +230,20 @@ class _Walker:
                 total += _hbm(user.leaves) if user.leaves else 0
             elif user.opcode == "dynamic-update-slice" and index == 0:
                 continue
+            elif user.opcode == "fusion" and self._nested_param(user, index) is not None:
+                nested, param = self._nested_param(user, index)  # type: ignore[misc]
+                total += self.param_read(nested, param.name, full)
             else:
                 return full
             if total >= full:
                 return full
         return total
+
+    def _nested_param(self, fusion: Instruction, index: int
+                      ) -> tuple[Computation, Instruction] | None:
+        nested = self.module.computations.get(next(iter(fusion.called("calls")), ""))
+        param = None if nested is None else nested.parameter(index)
+        return None if nested is None or param is None else (nested, param)
 
     def fusion_bytes(self, comp: Computation, inst: Instruction) -> tuple[int, str]:
         fused = self.module.computations.get(next(iter(inst.called("calls")), ""))
