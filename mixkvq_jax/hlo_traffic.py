@@ -25,7 +25,10 @@ This module walks the optimized program instead:
   from ``known_trip_count`` in the backend config (XLA:CPU/GPU print it) or, when absent
   (XLA:TPU), from the loop's pattern: the condition compares a counter (tuple element k)
   against a constant, the init tuple sets it to a constant, the body adds a constant. A
-  loop that matches neither uses ``default_trip_count`` and is listed in
+  loop whose bound is data-dependent (e.g. the blocks a sequence holds) is taken at its
+  largest: the number of slices its body's ``dynamic-slice`` s take along a dim indexed
+  by the counter (array dim / slice size; listed in `TrafficReport.bounded_loops`). A
+  loop that matches none of these uses ``default_trip_count`` and is listed in
   `TrafficReport.unknown_trip_loops`. Nested loops multiply.
 * **Conditionals** count their most expensive branch.
 * **Pallas kernels** (``tpu_custom_call``) with a ``pl.CostEstimate`` count its
@@ -50,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from mixkvq_jax.hlo_text import (
     ArrayShape,
@@ -112,6 +115,7 @@ class TrafficReport:
     kernels_with_cost: list[str]
     kernels_without_cost: list[str]
     loops: dict[str, int]  # while instruction name -> trip count used
+    bounded_loops: list[str] = dataclasses.field(default_factory=list)
 
     def top(self, n: int = 10) -> list[TrafficRow]:
         """The ``n`` rows with the most bytes over all executions."""
@@ -165,6 +169,7 @@ class _Walker:
         self.with_cost: list[str] = []
         self.without_cost: list[str] = []
         self.loops: dict[str, int] = {}
+        self.bounded: list[str] = []
 
     # ---- loops ---------------------------------------------------------------------------
     def trip_count(self, comp: Computation, inst: Instruction) -> int | None:
@@ -209,6 +214,74 @@ class _Walker:
             return max(0, math.ceil((start - bound + 1) / -step))
         return None
 
+    def _counter_index(self, inst: Instruction) -> int | None:
+        """The tuple index of the counter the loop's condition compares."""
+        cond = self.module.computations.get(next(iter(inst.called("condition")), ""))
+        if cond is None or cond.root is None or cond.root.opcode != "compare":
+            return None
+        for operand in cond.root.operands:
+            k = _gte_index(cond, operand)
+            if k is not None:
+                return k
+        return None
+
+    def slice_bound(self, inst: Instruction) -> int | None:
+        """Trip count of a loop whose count is data-dependent (e.g. the blocks a sequence
+        holds), taken at its largest: the most slices its body's dynamic-slices can take
+        along a dim indexed by the loop counter (array dim / slice size)."""
+        body = self.module.computations.get(next(iter(inst.called("body")), ""))
+        k = self._counter_index(inst)
+        if body is None or k is None:
+            return None
+        memo: dict[str, bool] = {}
+
+        def depends(name: str) -> bool:
+            if name not in memo:
+                memo[name] = False
+                x = body.by_name.get(name)
+                memo[name] = x is not None and (
+                    _gte_index(body, name) == k
+                    or (x.opcode != "parameter" and any(depends(o) for o in x.operands)))
+            return memo[name]
+
+        bounds = self._slice_counts(body, depends)
+        return max(bounds) if bounds else None
+
+    def _slice_counts(self, comp: Computation, depends: Callable[[str], bool],
+                      depth: int = 0) -> list[int]:
+        counts: list[int] = []
+        for x in comp.instructions:
+            if x.opcode == "dynamic-slice" and x.operands:
+                array = comp.by_name.get(x.operands[0])
+                if array is None or len(array.leaves) != 1 or len(x.leaves) != 1:
+                    continue
+                for d, (full, part) in enumerate(zip(array.leaves[0].dims, x.leaves[0].dims,
+                                                     strict=False)):
+                    if part < full and d + 1 < len(x.operands) and depends(x.operands[d + 1]):
+                        counts.append(-(-full // max(part, 1)))
+            elif x.opcode == "fusion" and depth < 4:
+                fused = self.module.computations.get(next(iter(x.called("calls")), ""))
+                if fused is None:
+                    continue
+                memo: dict[str, bool] = {}
+
+                def inner(name: str, fused: Computation = fused, x: Instruction = x,
+                          memo: dict[str, bool] = memo) -> bool:
+                    if name not in memo:
+                        memo[name] = False
+                        y = fused.by_name.get(name)
+                        if y is None:
+                            return False
+                        if y.opcode == "parameter":
+                            j = int(y.operand_text.strip() or -1)
+                            memo[name] = 0 <= j < len(x.operands) and depends(x.operands[j])
+                        else:
+                            memo[name] = any(inner(o) for o in y.operands)
+                    return memo[name]
+
+                counts += self._slice_counts(fused, inner, depth + 1)
+        return counts
+
     # ---- instruction costs ---------------------------------------------------------------
     def operand_leaves(self, comp: Computation, inst: Instruction, index: int
                        ) -> tuple[ArrayShape, ...]:
@@ -226,8 +299,8 @@ class _Walker:
         for user, index in fused.users.get(name, []):
             if user.opcode == "bitcast" or user.opcode == "get-tuple-element":
                 total += self.param_read(fused, user.name, full)
-            elif user.opcode in SLICING and index == 0:
-                total += _hbm(user.leaves) if user.leaves else 0
+            elif user.opcode in SLICING and index == 0:  # reads the slice, wherever it goes
+                total += sum(x.bytes for x in user.leaves)
             elif user.opcode == "dynamic-update-slice" and index == 0:
                 continue
             elif user.opcode == "fusion" and self._nested_param(user, index) is not None:
@@ -301,7 +374,8 @@ class _Walker:
             return 2 * update + rest, "in-place update"
         if op in SLICING:
             base = self.operand_leaves(comp, inst, 0)
-            read = _hbm(inst.leaves) if any(s.in_device_memory for s in base) else 0
+            read = (sum(x.bytes for x in inst.leaves)
+                    if any(x.in_device_memory for x in base) else 0)
             rest = sum(_hbm(self.operand_leaves(comp, inst, i))
                        for i in range(1, len(inst.operands)))
             return read + _hbm(inst.leaves) + rest, ""
@@ -353,6 +427,10 @@ class _Walker:
             return 0
         if op == "while":
             n = self.trip_count(comp, inst)
+            if n is None:
+                n = self.slice_bound(inst)
+                if n is not None:
+                    self.bounded.append(f"{comp.name}/{inst.name}")
             if n is None:
                 n = self.default_trip_count
                 self.unknown.append(f"{comp.name}/{inst.name}")
@@ -416,7 +494,7 @@ def estimate_traffic(hlo: str | Module, *, default_trip_count: int = 1,
     walker = _Walker(module, default_trip_count, suspicious_min_bytes)
     total = walker.walk(module.entry, 1)
     return TrafficReport(total, walker.rows, walker.suspicious, walker.unknown,
-                         walker.with_cost, walker.without_cost, walker.loops)
+                         walker.with_cost, walker.without_cost, walker.loops, walker.bounded)
 
 
 __all__ = ["SuspiciousOp", "TrafficReport", "TrafficRow", "estimate_traffic", "parse_shape"]

@@ -87,6 +87,7 @@ class StepResult:
     floor_ms: float = float("nan")
     copies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
+    bounded_loops: list[str] = dataclasses.field(default_factory=list)
     kernels_without_cost: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
 
@@ -267,6 +268,7 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
         for s in last.traffic.suspicious
     ]
     result.unknown_loops = sorted({u for c in compiled for u in c.traffic.unknown_trip_loops})
+    result.bounded_loops = sorted({u for c in compiled for u in c.traffic.bounded_loops})
     result.kernels_without_cost = sorted(
         {k for c in compiled for k in c.traffic.kernels_without_cost})
     return result

@@ -17,7 +17,7 @@ COLUMNS = (
     "model", "topology", "chip", "preset", "impl", "step", "batch", "context", "tokens",
     "layers", "layers_compiled", "compile_s", "fits", "hbm_needed_bytes", "hbm_bytes",
     "traffic_bytes", "weights_bytes", "cache_bytes", "floor_bytes", "ratio", "est_ms",
-    "floor_ms", "copies", "unknown_loops", "kernels_without_cost", "error",
+    "floor_ms", "copies", "unknown_loops", "bounded_loops", "kernels_without_cost", "error",
 )
 
 
@@ -85,6 +85,10 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
         if r.unknown_loops:
             notes.append(f"- {r.preset} {r.impl} {r.step}: loops without a known trip "
                          f"count (counted once): {', '.join(r.unknown_loops)}")
+        if r.bounded_loops:
+            notes.append(f"- {r.preset} {r.impl} {r.step}: data-dependent loops taken at a "
+                         f"full cache (trip count from their slices): "
+                         f"{len(r.bounded_loops)}")
         if r.kernels_without_cost:
             notes.append(f"- {r.preset} {r.impl} {r.step}: Pallas kernels without a "
                          f"CostEstimate: {', '.join(r.kernels_without_cost)}")

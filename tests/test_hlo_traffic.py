@@ -96,6 +96,23 @@ def test_while_known_trip_count_and_unknown_default() -> None:
     assert report.loops == {"loop": 5} and report.unknown_trip_loops == ["main/loop"]
 
 
+def test_data_dependent_loop_is_bounded_by_its_slices() -> None:
+    """A loop over the blocks a sequence holds (bound carried in the loop) is taken at its
+    largest: the body slices 1 of 4 rows of w by the counter, so at most 4 trips."""
+    text = LOOP.replace("%n = s32[]{:T(128)} constant(TRIPS)",
+                        "%n = s32[]{:T(128)} get-tuple-element(%c), index=0").replace(
+        "  %h2 = f32[64,128]{1,0:T(8,128)} tanh(%h)\n",
+        "  %z0 = s32[]{:T(128)} constant(0)\n"
+        "  %wi = f32[1,64,128]{2,1,0:T(8,128)} dynamic-slice(%w, %i, %z0, %z0), "
+        "dynamic_slice_sizes={1,64,128}\n"
+        "  %h2 = f32[64,128]{1,0:T(8,128)} tanh(%h)\n")
+    report = estimate_traffic(text, default_trip_count=1)
+    assert report.loops == {"loop": 4} and report.bounded_loops == ["main/loop"]
+    assert report.unknown_trip_loops == []
+    (row,) = [r for r in report.rows if r.name == "wi"]
+    assert row.multiplier == 4 and row.bytes == 2 * 64 * 128 * 4 + 3 * 512  # + 3 indices
+
+
 STACK = "f32[4,64,128]{2,1,0:T(8,128)}"
 LAYER = 64 * 128 * 4
 DUS_AND_SLICE = f"""HloModule parts, is_scheduled=true
@@ -132,6 +149,16 @@ ENTRY %main (s: f32[4,64,128], u: f32[1,8,128], i: s32[]) -> (f32[4,64,128], f32
   ROOT %out = ({STACK}, f32[64,128]{{1,0:T(8,128)}}, f32[128,64]{{1,0:T(8,128)}}) tuple(%whole, %layer, %t)
 }}
 """  # noqa: E501
+
+
+def test_a_slice_into_vmem_reads_hbm() -> None:
+    """A dynamic-slice fusion whose result lands in VMEM (S(1)) still reads its slice."""
+    text = DUS_AND_SLICE.replace(
+        "%ds = f32[1,64,128]{2,1,0:T(8,128)}", "%ds = f32[1,64,128]{2,1,0:T(8,128)S(1)}"
+    ).replace("%layer = f32[64,128]{1,0:T(8,128)} fusion",
+              "%layer = f32[64,128]{1,0:T(8,128)S(1)} fusion")
+    rows = {r.name: r for r in estimate_traffic(text).rows}
+    assert rows["layer"].bytes == LAYER + 512  # the slice read, no HBM write
 
 
 def test_in_place_update_and_sliced_reads() -> None:
