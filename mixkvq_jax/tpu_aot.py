@@ -22,14 +22,17 @@ Reported:
 * **copies**: copy / transpose / (dynamic-)slice results of at least a quarter of one
   layer's cache bytes (`hlo_traffic` ``suspicious``).
 
-**Depth.** A Llama-3-8B step does not fit a v5e and takes minutes to compile at full
-depth, so the step is compiled with ``--layers N`` and ``N + 1`` layers (default 1 and
-2) and every per-step quantity (traffic, memory bytes) is extrapolated linearly to the
-model's depth L: ``q(L) = q(N) + (L - N) * (q(N + 1) - q(N))``. The layers are one
-``lax.scan``, so one more layer adds one more loop iteration and one more layer of
-weights and cache; the difference of two compiles measures that without having to
-recognise the layer loop in the HLO. With ``N >= L`` the model is compiled at full
-depth once.
+**Depth.** A Llama-3-8B step does not fit a v5e (XLA refuses to compile it), so the step
+is compiled with ``--layers N`` and ``N + 1`` layers (default 2 and 3; N - 1 and N when
+N + 1 layers do not fit) and every per-step quantity (traffic, memory bytes) is
+extrapolated linearly to the model's depth L: ``q(L) = q(N) + (L - N) * (q(N + 1) -
+q(N))``. The layers are one ``lax.scan``, so one more layer adds one more loop iteration
+and one more layer of weights and cache; the difference of two compiles measures that
+without having to recognise the layer loop in the HLO. One layer is avoided by default:
+XLA removes a one-trip loop, which changes the program (measured on Llama-3-8B bf16
+decode: +1.52 GiB from 1 to 2 layers, +1.35 / +1.41 GiB from 2 to 3 / 3 to 4). An op
+that touches the whole stack inside the layer loop would grow as L^2 and be undercounted
+(it shows in the copies list). With ``N >= L`` the model is compiled at full depth once.
 
 Bad input (unknown topology, model or preset, libtpu missing) is one line and exit
 status 2; a step that does not fit in HBM is a row with ``fits=False`` (an error only
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from mixkvq_jax.errors import UserError, run_cli
+from mixkvq_jax.hlo_text import parse_shape
 from mixkvq_jax.hlo_traffic import TrafficReport, estimate_traffic
 from mixkvq_jax.models import ModelConfig
 from mixkvq_jax.tpu_targets import MODELS, TOPOLOGIES, Chip, chip_of, model_config, tpu_devices
@@ -88,6 +92,7 @@ class StepResult:
     copies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
     bounded_loops: list[str] = dataclasses.field(default_factory=list)
+    stack_ops_in_loop: int = 0  # copies of the whole [layers, ...] stack made every layer
     kernels_without_cost: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
 
@@ -198,6 +203,11 @@ def compile_step(step: str, config: ModelConfig, kv_config: Any, device: Any, *,
     return _Compiled(seconds, int(needed), traffic)
 
 
+def _leading_dim(shape: str) -> int | None:
+    leaves = [x for x in parse_shape(shape) if x.dims]
+    return leaves[-1].dims[0] if leaves else None  # slice-start: the slice, last but one
+
+
 def _one_line(err: BaseException) -> str:
     """The first informative line of a compiler error."""
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
@@ -232,34 +242,53 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
         weights_bytes=weights, cache_bytes=cache_bytes, floor_bytes=floor,
         floor_ms=1e3 * floor / chip.hbm_bandwidth)
     copy_min = max(1, cache_bytes // depth // 4)
-    compiled = []
+    compiled: dict[int, _Compiled] = {}
+
+    def compile_at(n: int) -> _Compiled:
+        if n not in compiled:
+            compiled[n] = compile_step(step, dataclasses.replace(config, num_layers=n),
+                                       kv_config, device, impl=impl, batch=batch,
+                                       context=context, tokens=tokens, copy_min_bytes=copy_min,
+                                       default_trip_count=default_trip_count)
+        return compiled[n]
+
+    n = depths[0]
     try:
         for n in depths:
-            shallow = dataclasses.replace(config, num_layers=n)
-            compiled.append(compile_step(step, shallow, kv_config, device, impl=impl,
-                                         batch=batch, context=context, tokens=tokens,
-                                         copy_min_bytes=copy_min,
-                                         default_trip_count=default_trip_count))
+            compile_at(n)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as err:  # a kernel Mosaic rejects, an unsupported shape: report it
-        result.error = _one_line(err)
         over = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(err))
-        if over:  # too big even at the compiled depth: needs at least that much
-            result.hbm_needed_bytes = int(float(over.group(1)) * 2**30)
-            result.error = f"does not fit at {n} layers: {result.error}"
-        return result
+        if over and len(depths) == 2 and depths[0] > 1 and n == depths[1]:
+            depths = (depths[0] - 1, depths[0])  # N + 1 layers do not fit: use N - 1 and N
+            result.layers_compiled = ",".join(map(str, depths))
+            try:
+                compile_at(depths[0])
+                over = None
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as retry:
+                err = retry
+                over = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(err))
+        if depths[0] not in compiled or depths[-1] not in compiled:
+            result.error = _one_line(err)
+            if over:  # too big even at the compiled depth: needs at least that much
+                result.hbm_needed_bytes = int(float(over.group(1)) * 2**30)
+                result.error = f"does not fit at {n} layers: {result.error}"
+            return result
+    runs = [compiled[d] for d in depths]
 
     def at_depth(values: Sequence[float]) -> float:
         if len(values) == 1:
             return float(values[0])
         return values[0] + (depth - depths[0]) * (values[1] - values[0])
 
-    last = compiled[-1]
+    last = runs[-1]
     result.compile_s = last.seconds
-    result.hbm_needed_bytes = int(at_depth([c.memory_bytes for c in compiled]))
+    result.hbm_needed_bytes = int(at_depth([c.memory_bytes for c in runs]))
     result.fits = result.hbm_needed_bytes <= chip.hbm_bytes
-    result.traffic_bytes = at_depth([c.traffic.total_bytes for c in compiled])
+    result.traffic_bytes = at_depth([c.traffic.total_bytes for c in runs])
     result.ratio = result.traffic_bytes / floor
     result.est_ms = 1e3 * result.traffic_bytes / chip.hbm_bandwidth
     result.copies = [
@@ -267,10 +296,13 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
          "memory": s.memory, "name": s.name}
         for s in last.traffic.suspicious
     ]
-    result.unknown_loops = sorted({u for c in compiled for u in c.traffic.unknown_trip_loops})
-    result.bounded_loops = sorted({u for c in compiled for u in c.traffic.bounded_loops})
+    result.stack_ops_in_loop = sum(
+        1 for c in last.traffic.suspicious
+        if c.multiplier >= depths[-1] and _leading_dim(c.shape) == depths[-1])
+    result.unknown_loops = sorted({u for c in runs for u in c.traffic.unknown_trip_loops})
+    result.bounded_loops = sorted({u for c in runs for u in c.traffic.bounded_loops})
     result.kernels_without_cost = sorted(
-        {k for c in compiled for k in c.traffic.kernels_without_cost})
+        {k for c in runs for k in c.traffic.kernels_without_cost})
     return result
 
 

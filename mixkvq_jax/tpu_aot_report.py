@@ -17,7 +17,8 @@ COLUMNS = (
     "model", "topology", "chip", "preset", "impl", "step", "batch", "context", "tokens",
     "layers", "layers_compiled", "compile_s", "fits", "hbm_needed_bytes", "hbm_bytes",
     "traffic_bytes", "weights_bytes", "cache_bytes", "floor_bytes", "ratio", "est_ms",
-    "floor_ms", "copies", "unknown_loops", "bounded_loops", "kernels_without_cost", "error",
+    "floor_ms", "copies", "unknown_loops", "bounded_loops", "stack_ops_in_loop",
+    "kernels_without_cost", "error",
 )
 
 
@@ -85,6 +86,10 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
         if r.unknown_loops:
             notes.append(f"- {r.preset} {r.impl} {r.step}: loops without a known trip "
                          f"count (counted once): {', '.join(r.unknown_loops)}")
+        if r.stack_ops_in_loop:
+            notes.append(f"- {r.preset} {r.impl} {r.step}: {r.stack_ops_in_loop} copies of a "
+                         "whole [layers, ...] stack run in every layer: their cost grows as "
+                         "layers^2, so the linear extrapolation undercounts it")
         if r.bounded_loops:
             notes.append(f"- {r.preset} {r.impl} {r.step}: data-dependent loops taken at a "
                          f"full cache (trip count from their slices): "
