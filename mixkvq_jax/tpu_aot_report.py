@@ -50,8 +50,9 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
             f"context {first.context}, prefill chunk {chunk}; "
             f"{first.topology} ({chip.name}: {chip.hbm_bytes / GiB:.0f} GiB HBM, "
             f"{chip.hbm_bandwidth / 1e9:.0f} GB/s); compiled at {first.layers_compiled} "
-            f"layers and extrapolated to {first.layers}. Traffic: HBM bytes per step "
-            "estimated from the optimized HLO; floor: weights + the cache's bytes read once.")
+            f"layers (unless a row says otherwise) and extrapolated to {first.layers}. "
+            "Traffic: HBM bytes per step estimated from the optimized HLO; floor: weights + "
+            "the cache's bytes read once.")
     cols = ("| preset | impl | step | fits (needed / HBM GiB) | compile s | traffic GiB "
             "| floor GiB | traffic / floor | est. ms | floor ms | cache-sized copies |")
     lines = [cols, "|" + "---|" * (cols.count("|") - 1)]
@@ -59,13 +60,17 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
         if r.error:
             fits = (f"NO (>= {r.hbm_needed_bytes / GiB:.1f} / {r.hbm_bytes / GiB:.0f})"
                     if r.hbm_needed_bytes else "-")
+            error = r.error.replace("|", "/")
+            error = error if len(error) <= 170 else error[:167] + "..."
             lines.append(f"| {r.preset} | {r.impl} | {r.step} | {fits} | compile failed: "
-                         f"{r.error.replace('|', '/')} | | | | | | |")
+                         f"{error} | | | | | | |")
             continue
         fits = (f"{'yes' if r.fits else 'NO'} ({r.hbm_needed_bytes / GiB:.1f} / "
                 f"{r.hbm_bytes / GiB:.0f})")
+        step = r.step if r.layers_compiled == first.layers_compiled else (
+            f"{r.step} (at {r.layers_compiled} layers)")
         lines.append("| " + " | ".join([
-            r.preset, r.impl, r.step, fits, _num(r.compile_s, ".1f"),
+            r.preset, r.impl, step, fits, _num(r.compile_s, ".1f"),
             _num(r.traffic_bytes / GiB, ".2f"), f"{r.floor_bytes / GiB:.2f}",
             _num(r.ratio, ".2f") + "x", _num(r.est_ms, ".1f"), f"{r.floor_ms:.1f}",
             _copies(r)]) + " |")
@@ -73,14 +78,14 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
     details = []
     for r in rows:
         for c in r.copies:
-            details.append(f"| {r.preset} | {r.impl} | {r.step} | {c['op']} | `{c['shape']}` "
+            details.append(f"| {r.preset} | {r.impl} | {r.step} | "
+                           f"{r.layers_compiled.split(',')[-1]} | {c['op']} | `{c['shape']}` "
                            f"| {c['bytes'] / 2**20:.1f} | {c['times']} | {c['memory']} |")
     if details:
-        out.append("Cache-sized copies / transposes / slices in the compiled steps (shapes at "
-                   f"{first.layers_compiled.split(',')[-1]} layers; MiB per instance, times "
-                   "per step at that depth):\n\n"
-                   "| preset | impl | step | op | shape | MiB | times | result in |\n"
-                   "|---|---|---|---|---|---|---|---|\n" + "\n".join(details))
+        out.append("Cache-sized copies / transposes / slices in the compiled steps (at the "
+                   "deeper compiled depth; MiB per instance, times per step at that depth):"
+                   "\n\n| preset | impl | step | layers | op | shape | MiB | times | result in |"
+                   "\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(details))
     notes = []
     for r in rows:
         if r.unknown_loops:
