@@ -205,6 +205,7 @@ def history_attention_xla(
     scale: float,
     blocks_per_step: int | None = None,
     index: jax.Array | None = None,
+    platform: str | None = None,
 ) -> Partial:
     """Attention of q [B, C, Hq, D] over each sequence's first ``lengths`` cached tokens.
 
@@ -213,6 +214,9 @@ def history_attention_xla(
     with an online softmax. With ``index``, ``layer`` is the stacked cache and each step
     slices its blocks of layer ``index`` straight from the stack (a per-layer view would
     be a copy of the whole layer, as the loop needs its operands in memory).
+    ``platform`` (default: this process's backend): the CPU tricks below (word-major
+    tiles, one sub-byte bitcast per unpack) are for CPU targets only; XLA:TPU has no
+    ``uint2`` type.
     """
     blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
     if index is None:
@@ -235,8 +239,9 @@ def history_attention_xla(
     # Codes unpacked word-major where they pack evenly (`quant.unpack_word_major`, one
     # bitcast on CPU): keys along tokens (`tile_token_bits`: the whole tile then keeps
     # that token order) and values along channels (undone on the output after the loop).
-    token_bits = tile_token_bits(config)
-    values_word_major = kv_cache.packs_evenly(config, "values")
+    on_cpu = canonical_platform(platform) == "cpu"
+    token_bits = tile_token_bits(config) if on_cpu else None
+    values_word_major = on_cpu and kv_cache.packs_evenly(config, "values")
     within = jnp.arange(r)  # natural position of each tile row within its block
     if token_bits is not None:
         within = quant.word_major_order(within, token_bits)
@@ -389,7 +394,8 @@ def cached_attention(
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
     return history_attention_xla(q, layer, lengths, config, scale=scale,
-                                 blocks_per_step=BLOCKS_PER_STEP, index=index)
+                                 blocks_per_step=BLOCKS_PER_STEP, index=index,
+                                 platform=platform)
 
 
 def attend_and_update(

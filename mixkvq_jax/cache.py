@@ -527,24 +527,42 @@ def update_layer(
         fixed = {name: jnp.where(first, stats[name], fixed[name]).astype(fixed[name].dtype)
                  for name in FIXED_FIELDS}
 
-    # Window + chunk, left-aligned: the window's r tokens, then the chunk's at r.
     n_flush_max = (r - 1 + c) // r  # static: most blocks one chunk can complete
-    buf_len = (n_flush_max + 1) * r
     window_len = lengths % r
-
-    def fill(window: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-        buf = jnp.zeros((h, buf_len, d), full).at[:, :r].set(window)
-        return jax.lax.dynamic_update_slice(buf, chunk.astype(full), (0, start, 0))
-
-    key_buf = jax.vmap(fill)(layer.residual_keys, jnp.swapaxes(keys, 1, 2), window_len)
-    value_buf = jax.vmap(fill)(layer.residual_values, jnp.swapaxes(values, 1, 2), window_len)
     n_flush = (window_len + counts) // r  # [B] blocks completed by this chunk
+    windows: dict[str, jax.Array] = {}
+    if c == 1 and index is not None:
+        # Decode into the stack: each sequence's token goes into its window row in place
+        # (rebuilding the window of every layer every step was most of a small model's
+        # decode traffic on TPU); a window the token fills is the block to quantize,
+        # read back in the flush branch only.
+        windows = {name: _put_token_rows(getattr(stacked, name), chunk[:, 0].astype(full),
+                                         window_len, counts, index)
+                   for name, chunk in (("residual_keys", keys), ("residual_values", values))}
 
-    def window_at(buf: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_slice(buf, (0, start, 0), (h, r, d))
+        def buffer(name: str) -> jax.Array:  # [B, H, R, D]
+            window = jax.lax.dynamic_index_in_dim(windows[name], index, 0, keepdims=False)
+            return from_bits({name: window}, config)[name]
 
-    new_window_keys = jax.vmap(window_at)(key_buf, n_flush * r)
-    new_window_values = jax.vmap(window_at)(value_buf, n_flush * r)
+        key_buf, value_buf = lambda: buffer("residual_keys"), lambda: buffer("residual_values")
+    else:
+        # Window + chunk, left-aligned: the window's r tokens, then the chunk's at r.
+        buf_len = (n_flush_max + 1) * r
+
+        def fill(window: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+            buf = jnp.zeros((h, buf_len, d), full).at[:, :r].set(window)
+            return jax.lax.dynamic_update_slice(buf, chunk.astype(full), (0, start, 0))
+
+        key_all = jax.vmap(fill)(layer.residual_keys, jnp.swapaxes(keys, 1, 2), window_len)
+        value_all = jax.vmap(fill)(layer.residual_values, jnp.swapaxes(values, 1, 2),
+                                   window_len)
+        key_buf, value_buf = lambda: key_all, lambda: value_all
+
+        def window_at(buf: jax.Array, start: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice(buf, (0, start, 0), (h, r, d))
+
+        new_window_keys = jax.vmap(window_at)(key_all, n_flush * r)
+        new_window_values = jax.vmap(window_at)(value_all, n_flush * r)
 
     def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
         blocks = buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
@@ -569,13 +587,13 @@ def update_layer(
         n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
         mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
         per_block = {name: x[:, :, None] for name, x in fixed.items()}  # [B, H, 1, P]
-        parts = quantize_blocks(blocks_of(key_buf), blocks_of(value_buf), mean_q, config,
+        parts = quantize_blocks(blocks_of(key_buf()), blocks_of(value_buf()), mean_q, config,
                                 per_block)
         return layout.pack(parts, config)  # [B, H, F * rows, LANES] per field
 
     # Under shard_map, the cond's branches must agree on which mesh axes their outputs
     # vary over: adding a zero taken from the data gives every output the data's.
-    zero = jnp.zeros_like(key_buf.reshape(-1)[0])
+    zero = jnp.zeros_like(keys.reshape(-1)[0]).astype(full)
 
     def like_data(tree: Any) -> Any:
         return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
@@ -616,8 +634,9 @@ def update_layer(
         return {name: put(name, old) for name, old in arrays.items()}
 
     blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
-    small = {**fixed, "residual_keys": new_window_keys, "residual_values": new_window_values,
-             "query_abs_sum": abs_sum, "query_count": q_count}
+    small = {**fixed, "query_abs_sum": abs_sum, "query_count": q_count}
+    if not windows:
+        small.update(residual_keys=new_window_keys, residual_values=new_window_values)
     if config.sink_tokens:
         small["sink_keys"] = _write_sinks(layer.sink_keys, keys, lengths, counts)
         small["sink_values"] = _write_sinks(layer.sink_values, values, lengths, counts)
@@ -626,7 +645,27 @@ def update_layer(
                      getattr(stacked, name), _as_stored(x, getattr(stacked, name).dtype),
                      index, 0)
                  for name, x in small.items()}
-    return stacked.replace(**blocks, **small)
+    return stacked.replace(**blocks, **small, **windows)
+
+
+def _put_token_rows(stack: jax.Array, tokens: jax.Array, rows: jax.Array, counts: jax.Array,
+                    index: jax.Array) -> jax.Array:
+    """Write each sequence's token into row ``rows[b]`` of layer ``index`` of a stacked
+    window ``stack`` [L, B, H, R, D] in place (``tokens`` [B, H, D]; sequences with
+    ``counts[b] == 0`` keep their row). One dynamic-update-slice per sequence, in a
+    loop: XLA applies those in place into the stack."""
+    b, h, d = tokens.shape
+
+    def put(i: jax.Array, stack: jax.Array) -> jax.Array:
+        start = (index, i, 0, rows[i], 0)
+        size = (1, 1, h, 1, d)
+        current = jax.lax.dynamic_slice(stack, start, size)
+        token = jax.lax.dynamic_index_in_dim(tokens, i, 0, keepdims=False)
+        new = _as_stored(token.reshape(size), stack.dtype)
+        return jax.lax.dynamic_update_slice(stack, _select_bits(counts[i] > 0, new, current),
+                                            start)
+
+    return jax.lax.fori_loop(0, b, put, stack)
 
 
 def _write_sinks(sinks: jax.Array, chunk: jax.Array, lengths: jax.Array,

@@ -116,6 +116,21 @@ class TrafficReport:
     kernels_without_cost: list[str]
     loops: dict[str, int]  # while instruction name -> trip count used
     bounded_loops: list[str] = dataclasses.field(default_factory=list)
+    # `while` instructions of the entry computation -> their bytes, all trips included
+    entry_loops: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def scaled_loop(self, trips: int, to: int) -> float:
+        """Total bytes with the heaviest entry-level loop of ``trips`` trips (e.g. the
+        layer scan of a model compiled at ``trips`` layers) run ``to`` times instead:
+        the loop's bytes per trip times ``to``, the rest once. A model compiled with
+        fewer layers than it has is measured this way; XLA's placement of whole
+        stacks in on-chip memory at a small depth stays a one-off outside the loop."""
+        candidates = [(b, name) for name, b in self.entry_loops.items()
+                      if self.loops.get(name) == trips]
+        if not candidates:
+            raise ValueError(f"no entry-level loop of {trips} trips in this program")
+        loop_bytes = max(candidates)[0]
+        return self.total_bytes + loop_bytes * (to / trips - 1)
 
     def top(self, n: int = 10) -> list[TrafficRow]:
         """The ``n`` rows with the most bytes over all executions."""
@@ -170,6 +185,7 @@ class _Walker:
         self.without_cost: list[str] = []
         self.loops: dict[str, int] = {}
         self.bounded: list[str] = []
+        self.entry_loops: dict[str, int] = {}
 
     # ---- loops ---------------------------------------------------------------------------
     def trip_count(self, comp: Computation, inst: Instruction) -> int | None:
@@ -437,6 +453,8 @@ class _Walker:
             self.loops[inst.name] = n
             body = self.walk(inst.called("body")[0], multiplier * n)
             cond = self.walk(inst.called("condition")[0], multiplier * (n + 1))
+            if comp.name == self.module.entry:
+                self.entry_loops[inst.name] = body + cond
             return body + cond
         if op == "conditional":
             branches = (inst.called("branch_computations")
@@ -494,7 +512,8 @@ def estimate_traffic(hlo: str | Module, *, default_trip_count: int = 1,
     walker = _Walker(module, default_trip_count, suspicious_min_bytes)
     total = walker.walk(module.entry, 1)
     return TrafficReport(total, walker.rows, walker.suspicious, walker.unknown,
-                         walker.with_cost, walker.without_cost, walker.loops, walker.bounded)
+                         walker.with_cost, walker.without_cost, walker.loops, walker.bounded,
+                         walker.entry_loops)
 
 
 __all__ = ["SuspiciousOp", "TrafficReport", "TrafficRow", "estimate_traffic", "parse_shape"]

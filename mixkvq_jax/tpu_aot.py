@@ -23,16 +23,17 @@ Reported:
   layer's cache bytes (`hlo_traffic` ``suspicious``).
 
 **Depth.** A Llama-3-8B step does not fit a v5e (XLA refuses to compile it), so the step
-is compiled with ``--layers N`` and ``N + 1`` layers (default 2 and 3; N - 1 and N when
-N + 1 layers do not fit) and every per-step quantity (traffic, memory bytes) is
-extrapolated linearly to the model's depth L: ``q(L) = q(N) + (L - N) * (q(N + 1) -
-q(N))``. The layers are one ``lax.scan``, so one more layer adds one more loop iteration
-and one more layer of weights and cache; the difference of two compiles measures that
-without having to recognise the layer loop in the HLO. One layer is avoided by default:
-XLA removes a one-trip loop, which changes the program (measured on Llama-3-8B bf16
-decode: +1.52 GiB from 1 to 2 layers, +1.35 / +1.41 GiB from 2 to 3 / 3 to 4). An op
-that touches the whole stack inside the layer loop would grow as L^2 and be undercounted
-(it shows in the copies list). With ``N >= L`` the model is compiled at full depth once.
+is compiled with ``--layers N`` and ``N + 1`` layers (default 4 and 5; N - 1 and N when
+N + 1 layers do not fit). Traffic: the layers are one ``lax.scan``; the entry-level
+loop of N + 1 trips with the most bytes is the layer loop, and its bytes per trip are
+counted ``L`` times, the rest of the program once (`TrafficReport.scaled_loop`). This
+keeps what XLA does only at a small depth (prefetching a whole small stack into VMEM
+ahead of the loop) a one-off instead of multiplying it by L, which a difference of two
+compiles did (MixKVQ decode moved between 0.4x and 1.3x of its floor with the depths
+compiled). Memory bytes are extrapolated linearly: ``q(L) = q(N) + (L - N) * (q(N + 1)
+- q(N))``. An op that touches the whole stack inside the layer loop grows as L^2 and
+is undercounted (it shows in the copies list). With ``N >= L`` the model is compiled
+at full depth once.
 
 Bad input (unknown topology, model or preset, libtpu missing) is one line and exit
 status 2; a step that does not fit in HBM is a row with ``fits=False`` (an error only
@@ -59,6 +60,10 @@ from mixkvq_jax.models import ModelConfig
 from mixkvq_jax.tpu_targets import MODELS, TOPOLOGIES, Chip, chip_of, model_config, tpu_devices
 
 IMPLS = ("auto", "xla", "pallas")
+# Compiled depth N (and N + 1). At 2-3 layers XLA:TPU kept a whole small cache stack in
+# VMEM and re-filled it every layer (MixKVQ's bf16 key tier at 32k x 8: 1.16x its floor
+# at 3 layers, 1.00x at 5 and 7); from 4-5 layers on the figures no longer move.
+DEFAULT_LAYERS = 4
 STEPS = ("decode", "prefill")
 RESULTS = Path("benchmarks") / "results"
 
@@ -216,7 +221,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: str = "auto",
-            batch: int = 8, context: int = 32768, prefill_chunk: int = 256, layers: int = 2,
+            batch: int = 8, context: int = 32768, prefill_chunk: int = 256,
+            layers: int = 4,
             model_name: str = "", topology: str = "", default_trip_count: int = 1
             ) -> StepResult:
     """Compile ``step`` (``decode`` or ``prefill``) for ``device`` and report it at the
@@ -288,7 +294,10 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
     result.compile_s = last.seconds
     result.hbm_needed_bytes = int(at_depth([c.memory_bytes for c in runs]))
     result.fits = result.hbm_needed_bytes <= chip.hbm_bytes
-    result.traffic_bytes = at_depth([c.traffic.total_bytes for c in runs])
+    try:  # the layer loop of the deepest compile, run `depth` times
+        result.traffic_bytes = last.traffic.scaled_loop(depths[-1], depth)
+    except ValueError:  # no loop of that trip count (e.g. XLA unrolled one layer)
+        result.traffic_bytes = at_depth([c.traffic.total_bytes for c in runs])
     result.ratio = result.traffic_bytes / floor
     result.est_ms = 1e3 * result.traffic_bytes / chip.hbm_bandwidth
     result.copies = [
@@ -349,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacity in tokens per sequence")
     p.add_argument("--prefill-chunk", type=_positive, default=256,
                    help="tokens per sequence in the prefill step")
-    p.add_argument("--layers", type=_positive, default=2,
+    p.add_argument("--layers", type=_positive, default=DEFAULT_LAYERS,
                    help="compile with N and N+1 layers and extrapolate to the model's depth")
     p.add_argument("--default-trip-count", type=_positive, default=1,
                    help="trip count of a loop whose count is not in the HLO (reported)")
