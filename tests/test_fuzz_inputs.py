@@ -33,6 +33,7 @@ from mixkvq_jax.errors import UserError
 SCALE = int(os.environ.get("MIXKVQ_FUZZ_SCALE", "1"))
 GGUF_CASES = 2000 * SCALE
 YAML_CASES = 2000 * SCALE
+HF_CASES = 400 * SCALE
 CASE_ALARM_S = 30  # a hang guard, not a timing check: no case comes close
 INTERESTING = (0, 1, 2, 3, 7, 8, 9, 31, 32, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31,
                2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1)
@@ -199,6 +200,49 @@ def test_fuzz_preset_yaml(tmp_path: Path) -> None:
     _report("preset yaml", counts)
     assert sum(counts.values()) == YAML_CASES
     assert counts["rejected"] > YAML_CASES // 4 and counts["loaded"] > 0
+
+
+def test_fuzz_hf_checkpoint(demo_checkpoint: Path, tmp_path: Path) -> None:
+    """The same for an HF directory: config.json, the safetensors header and data, and
+    the tokenizer files, one file mutated per case."""
+    import shutil
+
+    from mixkvq_jax.checkpoint import load_checkpoint
+
+    work = tmp_path / "ckpt"
+    shutil.copytree(demo_checkpoint, work)
+    files = {p.name: p.read_bytes() for p in sorted(work.iterdir()) if p.is_file()}
+    weights = files["model.safetensors"]
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    targets = {"config.json": [(0, len(files["config.json"]))],
+               "model.safetensors": [(0, 8), (8, header_end), (header_end, len(weights))],
+               "tokenizer.json": [(0, len(files["tokenizer.json"]))],
+               "tokenizer_config.json": [(0, len(files["tokenizer_config.json"]))],
+               "generation_config.json": [(0, len(files["generation_config.json"]))]}
+    order = ["model.safetensors", "config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json"]
+    rng = random.Random(20260220 + SCALE)
+    target = {"name": ""}
+
+    def cases() -> Iterator[tuple[str, bytes]]:
+        for i in range(HF_CASES):
+            name = order[i % len(order)]
+            blob, what = mutate(files[name], rng, targets[name])
+            target["name"] = name
+            yield f"hf case {i} ({name}: {what})", blob
+
+    def load(path: Path) -> None:
+        name = target["name"]
+        (work / name).write_bytes(path.read_bytes())
+        try:
+            load_checkpoint(work)
+        finally:
+            (work / name).write_bytes(files[name])
+
+    counts = run_cases(cases(), tmp_path / "case.bin", load, (UserError,))
+    _report("hf checkpoint", counts)
+    assert sum(counts.values()) == HF_CASES
+    assert counts["rejected"] > HF_CASES // 4
 
 
 def _write(path: Path, data: bytes) -> Path:
