@@ -36,8 +36,13 @@ import sys
 
 if __name__ == "__main__":  # the CLI: Ctrl-C exits 130 from here on, imports included
     from mixkvq_jax.errors import install_exit_on_interrupt
+    from mixkvq_jax.progress import Progress as _Progress
 
     install_exit_on_interrupt()
+    # Importing JAX takes a second or two: show that on a terminal too.
+    _STARTUP = _Progress.for_terminal(enabled="--quiet" not in sys.argv).phase(
+        "starting (importing JAX)")
+    _STARTUP.__enter__()
 
 import argparse
 import collections
@@ -293,7 +298,7 @@ def plan_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_context
     if longest >= max_context:
         raise UserError(
             f"prompt has {longest} tokens but the maximum context is {max_context}; "
-            "shorten the prompt or raise --max-len"
+            "shorten the prompt (or raise --max-len, up to the model's context)"
         )
     new = min(max_new_tokens, max_context - longest)
     needed = longest + new - 1
@@ -726,4 +731,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _STARTUP.__exit__(None, None, None)
     cli_exit(main())
