@@ -526,6 +526,8 @@ def read_kv_spec(name_or_path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise KVConfigError(f"empty KV preset name; choose one of "
                             f"{', '.join(available_presets())} or pass a preset YAML path")
     path = Path(text)
+    if path.is_dir():
+        raise KVConfigError(f"KV preset path {path} is a directory; pass a preset YAML file")
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
         path = PRESET_DIR / f"{text}.yaml"
         if "/" in text or not path.is_file():
@@ -533,8 +535,6 @@ def read_kv_spec(name_or_path: str | Path) -> tuple[Path, dict[str, Any]]:
                 f"unknown KV preset {text!r}; choose one of {', '.join(available_presets())} "
                 "or pass a path to a preset YAML"
             )
-    if path.is_dir():
-        raise KVConfigError(f"KV preset path {path} is a directory; pass a preset YAML file")
     if not path.is_file():
         raise KVConfigError(f"KV preset file {path} does not exist")
     try:
