@@ -424,15 +424,20 @@ def run_generation(
     reasons: list[str | None] = [None] * batch
     eos_set = set(eos)
 
-    bar = progress.bar(
-        "decode", total=new * batch, unit="tok", leave=False,
-        bar_format="{desc} {n_fmt}/{total_fmt} tok [{elapsed}, {rate_fmt}]{postfix}")
+    # Live rate as in the stats: tokens after the first ones (which prefill produced)
+    # over the time since decoding started.
+    bar = progress.bar("decode", total=new * batch, unit="tok", leave=False,
+                       bar_format="{desc} | {n_fmt}/{total_fmt} tok [{elapsed}]{postfix}")
     progress.active_bar = bar if progress.enabled else None
 
     def accept(token_row: np.ndarray) -> bool:
         """Take one token per unfinished sequence; True when a stop string ended one."""
         stopped = False
-        bar.update(sum(r is None for r in reasons))
+        if progress.enabled:
+            bar.update(sum(r is None for r in reasons))
+            if bar.n > batch:
+                bar.set_description_str(f"decode {(bar.n - batch) / (time.perf_counter() - t0):.1f}"
+                                        " tok/s", refresh=False)
         for b in range(batch):
             if reasons[b] is not None:
                 continue
