@@ -145,7 +145,7 @@ def _fail(source: str, message: str) -> UserError:
 
 def _check_keys(source: str, section: str, given: Mapping[str, Any], allowed: Iterable[str]
                 ) -> None:
-    unknown = sorted(set(given) - set(allowed))
+    unknown = sorted(set(given) - set(allowed), key=str)
     if unknown:
         more = f" (and {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
         raise _fail(source, f"unknown {section}key {unknown[0]!r}{more}; allowed: "
@@ -173,6 +173,12 @@ def _as_list(source: str, key: str, value: Any, kind: type) -> tuple[Any, ...]:
 def _positive(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail(source, f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(source, f"{key} must be an integer >= 0, got {value!r}")
     return value
 
 
@@ -273,7 +279,7 @@ def parse_sweep(spec: Mapping[str, Any], source: str = "sweep") -> Sweep:
             source, "passkey.lengths", pk_spec.get("lengths", [512]), int)),
         depths=_as_list(source, "passkey.depths", pk_spec.get("depths", [0.1, 0.5, 0.9]), float),
         samples=_positive(source, "passkey.samples", pk_spec.get("samples", 1)),
-        seed=int(pk_spec.get("seed", 0)),
+        seed=_non_negative(source, "passkey.seed", pk_spec.get("seed", 0)),
     )
     if not all(0 <= d <= 1 for d in pk.depths):
         raise _fail(source, f"passkey.depths must lie in [0, 1], got {list(pk.depths)}")
@@ -299,9 +305,16 @@ def load_sweep(config: str | Path) -> Sweep:
     """Read and validate a sweep YAML (a path, or a name in configs/sweeps)."""
     path = resolve_sweep_path(str(config))
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
+                        "pass a sweep YAML") from None
+    except OSError as err:
+        raise UserError(f"cannot read sweep file {path}: {err.strerror}") from None
+    try:
+        spec = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return parse_sweep(spec, source=str(path))
 
 

@@ -34,6 +34,7 @@ SCALE = int(os.environ.get("MIXKVQ_FUZZ_SCALE", "1"))
 GGUF_CASES = 2000 * SCALE
 YAML_CASES = 2000 * SCALE
 HF_CASES = 400 * SCALE
+SWEEP_CASES = 500 * SCALE
 CASE_ALARM_S = 30  # a hang guard, not a timing check: no case comes close
 INTERESTING = (0, 1, 2, 3, 7, 8, 9, 31, 32, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31,
                2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1)
@@ -200,6 +201,25 @@ def test_fuzz_preset_yaml(tmp_path: Path) -> None:
     _report("preset yaml", counts)
     assert sum(counts.values()) == YAML_CASES
     assert counts["rejected"] > YAML_CASES // 4 and counts["loaded"] > 0
+
+
+def test_fuzz_sweep_yaml(tmp_path: Path) -> None:
+    """The KV Pareto sweep YAMLs through `pareto.load_sweep` (no model is loaded)."""
+    from mixkvq_jax.pareto import SWEEP_DIR, load_sweep
+
+    texts = [p.read_bytes() for p in sorted(SWEEP_DIR.glob("*.yaml"))]
+    rng = random.Random(20260221 + SCALE)
+
+    def cases() -> Iterator[tuple[str, bytes]]:
+        for i in range(SWEEP_CASES):
+            text = texts[i % len(texts)]
+            blob, what = mutate(text, rng, [(0, len(text))])
+            yield f"sweep case {i} ({what})", blob
+
+    counts = run_cases(cases(), tmp_path / "case.yaml", load_sweep, (UserError, KVConfigError))
+    _report("sweep yaml", counts)
+    assert sum(counts.values()) == SWEEP_CASES
+    assert counts["rejected"] > SWEEP_CASES // 4
 
 
 def test_fuzz_hf_checkpoint(demo_checkpoint: Path, tmp_path: Path) -> None:
