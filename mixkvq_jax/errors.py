@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 INTERRUPTED_EXIT = 130
+FLUSH_TIMEOUT_S = 1.0
 _exit_lock = threading.Lock()
 _installed: list[str] = []  # the message of the active `exit_on_interrupt`, if any
 _process_wide: list[contextlib.AbstractContextManager[None]] = []
@@ -48,8 +49,11 @@ def exit_now(status: int, message: str | None = None) -> None:
     gets to exit; a second caller waits for the process to end."""
     if not _exit_lock.acquire(blocking=False):
         threading.Event().wait()
-    _flush(sys.stdout)
-    _flush(sys.stderr)
+    # Flushing can block (a full pipe nobody reads): give it a second, then exit anyway.
+    flusher = threading.Thread(target=lambda: (_flush(sys.stdout), _flush(sys.stderr)),
+                               daemon=True)
+    flusher.start()
+    flusher.join(FLUSH_TIMEOUT_S)
     if message is not None:
         # On a terminal a progress bar or "^C" may hold the cursor mid-line.
         try:
