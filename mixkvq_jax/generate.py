@@ -25,9 +25,13 @@ shape) so the stats report compile time apart from prefill and decode throughput
 ``TRACE_COUNTS`` counts Python traces of each step function (tests check that decoding
 compiles once).
 
-CLI output: generated text on stdout (streamed as produced for a single prompt), a
-progress bar on long prefills and one stats line on stderr; ``--json`` prints one JSON
-object on stdout instead. Bad input is one ``error:`` line on stderr and exit status 2.
+CLI output: generated text on stdout (streamed as produced for a single prompt) and one
+stats line on stderr; ``--json`` prints one JSON object on stdout instead. On a terminal
+(and without ``--quiet``) stderr also shows progress (`mixkvq_jax.progress`): spinners
+with the elapsed time while JAX imports, the checkpoint loads and the steps compile, the
+prompt tokens whose prefill chunk has finished, and the live decode rate. Bad input is one
+``error:`` line on stderr and exit status 2, checked before the model loads where it can
+be; Ctrl-C exits with status 130 at any moment (`mixkvq_jax.errors.exit_on_interrupt`).
 """
 
 from __future__ import annotations
