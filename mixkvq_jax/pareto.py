@@ -215,6 +215,9 @@ def resolve_sweep_path(config: str) -> Path:
     path = Path(config).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"sweep path {config} is a directory; pass a sweep YAML file or one "
+                        f"of {', '.join(available_sweeps())}")
     if config.endswith((".yaml", ".yml")) or os.sep in config:
         raise UserError(f"sweep file {config} does not exist; give a YAML path or one of "
                         f"{', '.join(available_sweeps())}")
