@@ -6,7 +6,7 @@ sequence split) and all ``Gq`` query heads of that KV head (GQA), streams the sp
 quantized blocks once with an online softmax and writes a normalized partial result and
 its log-sum-exp. This wrapper merges the splits, the residual window and the sinks
 (plain jnp: at most R - 1 + S full-precision tokens) by log-sum-exp, so the result
-equals `mixkvq_jax.attention.history_attention_xla`, the reference both bodies are
+equals `mixkvq_jax.attention_xla.history_attention_xla`, the reference both bodies are
 tested against.
 
 The kernels read the stacked cache in place (the layer index is a kernel argument: TPU
@@ -31,10 +31,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixkvq_jax.attention import Partial, merge_partials
 from mixkvq_jax.cache import LayerKVCache, from_bits, layer_at
 from mixkvq_jax.config import KVQuantConfig
 from mixkvq_jax.layout import LANES, block_fields
+from mixkvq_jax.partials import Partial, merge_partials
 
 from .decode_gpu import call_gpu
 from .decode_plan import (
