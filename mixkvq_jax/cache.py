@@ -62,7 +62,8 @@ class LayerKVCache:
     block, D = head_dim.
 
     Attributes:
-      key_full, key_codes, key_params, value_codes, value_params: the quantized
+      key_full, key_codes, key_scales, key_zeros, value_codes, value_scales,
+        value_zeros: the quantized
         blocks, as the stored fields of `mixkvq_jax.layout` (each [B, H, NB * rows,
         128]: block j of a sequence and head is rows ``j * rows .. (j + 1) * rows``,
         its parts one after the other). `block_parts` gives the parts (codes, scales,
@@ -82,9 +83,11 @@ class LayerKVCache:
 
     key_full: jax.Array
     key_codes: jax.Array
-    key_params: jax.Array
+    key_scales: jax.Array
+    key_zeros: jax.Array
     value_codes: jax.Array
-    value_params: jax.Array
+    value_scales: jax.Array
+    value_zeros: jax.Array
     residual_keys: jax.Array
     residual_values: jax.Array
     query_abs_sum: jax.Array
@@ -534,17 +537,17 @@ def update_layer(
     if c == 1 and index is not None:
         # Decode into the stack: each sequence's token goes into its window row in place
         # (rebuilding the window of every layer every step was most of a small model's
-        # decode traffic on TPU); a window the token fills is the block to quantize,
-        # read back in the flush branch only.
+        # decode traffic on TPU); a window the token fills is the block to quantize.
         windows = {name: _put_token_rows(getattr(stacked, name), chunk[:, 0].astype(full),
                                          window_len, counts, index)
                    for name, chunk in (("residual_keys", keys), ("residual_values", values))}
-
-        def buffer(name: str) -> jax.Array:  # [B, H, R, D]
-            window = jax.lax.dynamic_index_in_dim(windows[name], index, 0, keepdims=False)
-            return from_bits({name: window}, config)[name]
-
-        key_buf, value_buf = lambda: buffer("residual_keys"), lambda: buffer("residual_values")
+        # This layer's windows [B, H, R, D], sliced out here: captured by the flush
+        # `cond` below, the whole stacks would be its operands, copied every layer.
+        key_window, value_window = (
+            from_bits({name: jax.lax.dynamic_index_in_dim(windows[name], index, 0,
+                                                          keepdims=False)}, config)[name]
+            for name in ("residual_keys", "residual_values"))
+        key_buf, value_buf = lambda: key_window, lambda: value_window
     else:
         # Window + chunk, left-aligned: the window's r tokens, then the chunk's at r.
         buf_len = (n_flush_max + 1) * r
@@ -692,7 +695,7 @@ def _select_bits(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 # The 16-bit float fields (``full_dtype`` / ``scale_dtype``); the others are integers
 # or float32.
 _FULL_FIELDS = ("key_full", "residual_keys", "residual_values", "sink_keys", "sink_values")
-_SCALE_FIELDS = ("key_params", "value_params", "key_scales", "key_zeros", "value_scales",
+_SCALE_FIELDS = ("key_scales", "key_zeros", "value_scales",
                  "value_zeros", "key_fixed_scales",
                  "key_fixed_zeros", "value_fixed_scales", "value_fixed_zeros")
 

@@ -33,9 +33,11 @@ field              parts, in order                               dtype
 =================  ============================================  ===================
 key_full           key_full                                      ``full_dtype``
 key_codes          key_codes0, key_codes1, ..., key_permutation  uint32
-key_params         key_scales0, key_zeros0, key_scales1, ...     ``scale_dtype``
+key_scales         key_scales0, key_scales1, ...                 ``scale_dtype``
+key_zeros          key_zeros0, key_zeros1, ...                   ``scale_dtype``
 value_codes        value_codes                                   uint32 | full
-value_params       value_scales, value_zeros                     ``scale_dtype``
+value_scales       value_scales                                  ``scale_dtype``
+value_zeros        value_zeros                                   ``scale_dtype``
 =================  ============================================  ===================
 
 The permutation is stored in uint32 words after the key codes: 4 uint8 indices a word
@@ -60,7 +62,8 @@ import jax.numpy as jnp
 from mixkvq_jax.config import KVQuantConfig
 
 LANES = 128
-FIELDS = ("key_full", "key_codes", "key_params", "value_codes", "value_params")
+FIELDS = ("key_full", "key_codes", "key_scales", "key_zeros", "value_codes", "value_scales",
+          "value_zeros")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +128,12 @@ def _field(name: str, dtype: str, shapes: list[tuple[str, tuple[int, int]]]) -> 
 def block_fields(config: KVQuantConfig) -> dict[str, Field]:
     """The stored fields of ``config``'s blocks, by name (`FIELDS` order)."""
     r, d = config.residual_length, config.head_dim
-    key_codes, key_params = [], []
+    key_codes, key_scales, key_zeros = [], [], []
     for t, (bits, count) in enumerate(config.key_tiers):
         key_codes.append((f"key_codes{t}", (count, r * bits // 32)))
         shape = _key_param_shape(config, count)
-        key_params += [(f"key_scales{t}", shape), (f"key_zeros{t}", shape)]
+        key_scales.append((f"key_scales{t}", shape))
+        key_zeros.append((f"key_zeros{t}", shape))
     pairs = _value_param_groups(config)
     value_shape = (r, -(-d * config.value_bits // 32)) if config.quantizes_values else (r, d)
     if config.stores_permutation:
@@ -137,11 +141,12 @@ def block_fields(config: KVQuantConfig) -> dict[str, Field]:
     fields = (
         _field("key_full", config.full_dtype, [("key_full", (config.key_channels_full, r))]),
         _field("key_codes", "uint32", key_codes),
-        _field("key_params", config.scale_dtype, key_params),
+        _field("key_scales", config.scale_dtype, key_scales),
+        _field("key_zeros", config.scale_dtype, key_zeros),
         _field("value_codes", "uint32" if config.quantizes_values else config.full_dtype,
                [("value_codes", value_shape)]),
-        _field("value_params", config.scale_dtype,
-               [("value_scales", (r, pairs)), ("value_zeros", (r, pairs))]),
+        _field("value_scales", config.scale_dtype, [("value_scales", (r, pairs))]),
+        _field("value_zeros", config.scale_dtype, [("value_zeros", (r, pairs))]),
     )
     return {f.name: f for f in fields}
 

@@ -121,14 +121,14 @@ def test_bits_form_cache_gives_the_same_steps(hf_checkpoint):
                         value_group_size=8)
     ids = jnp.asarray(_ids(cfg.vocab_size, 19, seed=5)[None])
     as_floats, as_bits = _empty_cache(cfg, kv), bits_form(_empty_cache(cfg, kv))
-    assert as_bits.layers.key_params.dtype == jnp.uint16
+    assert as_bits.layers.key_scales.dtype == jnp.uint16
     for start, stop in ((0, 17), (17, 18), (18, 19)):  # a bf16-scale block, then decode
         la, as_floats = _forward(params, ids[:, start:stop], as_floats, None, config=cfg,
                                  impl="xla")
         lb, as_bits = _forward(params, ids[:, start:stop], as_bits, None, config=cfg,
                                impl="xla")
         np.testing.assert_array_equal(la, lb)
-    assert as_bits.layers.key_params.dtype == jnp.uint16  # stays in bits form
+    assert as_bits.layers.key_scales.dtype == jnp.uint16  # stays in bits form
     back = float_form(as_bits)
     for a, b in zip(jax.tree.leaves(as_floats), jax.tree.leaves(back), strict=True):
         assert a.dtype == b.dtype

@@ -125,8 +125,8 @@ def test_blocks_past_the_length_are_never_read(backend):
         slot = jnp.arange(x.shape[2]) // fields[name].rows  # [NB * rows]: each row's block
         return jnp.where((slot[None, None, :] >= used)[..., None], jnp.nan, x)
 
-    poisoned = layer.replace(key_params=poison("key_params", layer.key_params),
-                             value_params=poison("value_params", layer.value_params))
+    poisoned = layer.replace(**{name: poison(name, getattr(layer, name)) for name in
+                                ("key_scales", "key_zeros", "value_scales", "value_zeros")})
     got = _pallas(q, poisoned, lens, cfg, backend, num_splits=1, blocks_per_step=1)
     _assert_matches(got, want)
 

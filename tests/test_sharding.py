@@ -80,7 +80,8 @@ def test_cache_partition_specs():
     assert specs.lengths == P("data") and specs.overflow == P("data")
     assert specs.layers.query_count == P(None, "data")
     for name in ("residual_keys", "residual_values", "key_full",
-                 "value_codes", "key_codes", "key_params", "value_params", "query_abs_sum"):
+                 "value_codes", "key_codes", "key_scales", "key_zeros", "value_scales",
+                 "value_zeros", "query_abs_sum"):
         assert getattr(specs.layers, name) == P(None, "data", "model"), name
     assert specs.config == cache.config and specs.max_len == cache.max_len  # static fields
 
