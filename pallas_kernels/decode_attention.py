@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from mixkvq_jax.cache import LayerKVCache, from_bits, layer_at
 from mixkvq_jax.config import KVQuantConfig
-from mixkvq_jax.layout import LANES, block_fields
+from mixkvq_jax.layout import block_fields, field_bytes_per_block
 from mixkvq_jax.partials import Partial, merge_partials
 
 from .decode_gpu import call_gpu
@@ -179,7 +179,7 @@ def kernel_bytes_read(layer: LayerKVCache, lengths: Sequence[int], config: KVQua
     fields = block_fields(config)
     nb = layer.value_codes.shape[2] // fields["value_codes"].rows
     used = sum(min(int(n) // config.residual_length, nb) for n in lengths)
-    per_block = sum(f.rows * LANES * jnp.dtype(f.dtype).itemsize for f in fields.values())
+    per_block = sum(field_bytes_per_block(config).values())
     q_bytes = (q_heads // h) * config.head_dim * 4
     window = 2 * config.residual_length * config.head_dim * jnp.dtype(config.full_dtype).itemsize
     return used * h * per_block + b * h * (window + q_bytes)

@@ -118,6 +118,14 @@ def unsupported_reason(
     if backend is None and platform not in ("tpu", "gpu", "cuda", "rocm", "cpu"):
         return f"no Pallas decode kernel for platform {platform!r} (TPU and GPU only)"
     backend = resolve_backend(backend)
+    if backend == "tpu":
+        # The TPU body cuts a part [a, w] out of its block's 128-lane rows by splitting
+        # lanes ([w, 128] -> [128, w]); wider rows would need lanes merged.
+        wide = sorted({p.name for f in block_fields(config).values() for p in f.parts
+                       if p.size and (p.shape[1] > 128 or p.offset % p.shape[1])})
+        if wide:
+            return (f"the TPU kernel reads block parts at most 128 wide; {', '.join(wide)} "
+                    f"are not (head_dim {config.head_dim}): the XLA path serves this config")
     if backend == "gpu":
         dims = {"residual_length": config.residual_length, "head_dim": config.head_dim}
         if config.key_tiers:

@@ -185,6 +185,12 @@ def test_unsupported_shapes_give_a_reason_and_fall_back_with_a_warning():
         da.cached_attention_pallas(q[:, :, :8], odd_layer, jnp.zeros(1, jnp.int32), odd,
                                    scale=1.0)
     assert "scale_dtype" in qp.unsupported_reason(small_config("kivi2", scale_dtype="float16"))
+    # bf16 values of head_dim 256 are 256-wide rows: the TPU body takes parts <= 128 wide
+    wide = small_config("bf16", head_dim=256)
+    wide_layer = kvc.init_layer(wide, batch=1, num_kv_heads=2, max_len=256)
+    q = jnp.ones((1, 1, 4, 256))
+    assert "value_codes" in da.unsupported_reason(q, wide_layer, wide, backend="tpu")
+    assert da.unsupported_reason(q, wide_layer, wide, backend="gpu") is None
 
 
 # ---- quantize-and-pack == cache.quantize_blocks, bit for bit ----------------------------
