@@ -6,8 +6,8 @@ blocks a few at a time (`layout.unpack` of a step's rows of the stored fields),
 dequantizes them into a small float32 tile and contracts it with ordinary dots, with an
 online softmax, then the sinks and the residual window. CPU-only tricks live here and
 apply only when the target platform is the CPU: tiles in word-major token order
-(`tile_token_bits`, one sub-byte bitcast per unpack) and the uint16 bits form of the
-stack (`cache.to_bits`).
+(`tile_token_bits`, one sub-byte bitcast per unpack), the uint16 bits form of the
+stack (`cache.to_bits`) and key scales widened before their tiers are sliced out.
 """
 
 from __future__ import annotations
@@ -193,6 +193,11 @@ def history_attention_xla(
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
         sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
+        if on_cpu:
+            # Key scales and zeros widened before their tiers are sliced out: XLA:CPU
+            # materializes a 16-bit part sliced from a shared record (the convert moves
+            # ahead of the slice) instead of fusing it into its tier's dequantization.
+            sl = {**sl, **{name: _f32(sl[name]) for name in ("key_scales", "key_zeros")}}
         sl = layout.unpack(sl, config)  # the parts, [B, H, step, ...]
         if token_bits is not None:  # value rows in the keys' token order
             sl = {**sl, **{name: quant.word_major_order(sl[name], token_bits, axis=3)
