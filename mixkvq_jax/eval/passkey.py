@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from mixkvq_jax.config import KVQuantConfig
 from mixkvq_jax.errors import UserError
+from mixkvq_jax.eval.completions import greedy_completions
+from mixkvq_jax.eval.text import tokenize
 from mixkvq_jax.models import ModelConfig
 from mixkvq_jax.models.transformer import Params
 
@@ -37,14 +38,6 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 KEY_TEMPLATE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    encode: Callable[..., list[int]] = getattr(tokenizer, "encode", tokenizer)
-    try:
-        return list(encode(text, add_special_tokens=False))
-    except TypeError:
-        return list(encode(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +73,10 @@ def make_passkey_prompt(tokenizer: Any, *, length: int, depth: float, passkey: s
         raise UserError(f"passkey depth must be in [0, 1], got {depth}")
     if not re.fullmatch(r"\d{5}", passkey):
         raise UserError(f"passkey must be 5 digits, got {passkey!r}")
-    head = ([bos_id] if bos_id is not None else []) + _encode(tokenizer, INTRO)
-    key = _encode(tokenizer, KEY_TEMPLATE.format(key=passkey))
-    question = _encode(tokenizer, QUESTION)
-    unit = _encode(tokenizer, FILLER)
+    head = ([bos_id] if bos_id is not None else []) + tokenize(tokenizer, INTRO)
+    key = tokenize(tokenizer, KEY_TEMPLATE.format(key=passkey))
+    question = tokenize(tokenizer, QUESTION)
+    unit = tokenize(tokenizer, FILLER)
     n_filler = length - len(head) - len(key) - len(question)
     if n_filler < len(unit):
         raise UserError(f"passkey length {length} is too short: intro, key and question "
@@ -150,34 +143,12 @@ def run_passkey(params: Params, model_config: ModelConfig, tokenizer: Any,
 
     Prompts of equal length are batched (``batch`` at a time).
     """
-    from mixkvq_jax.generate import run_generation
-
-    too_long = [p.length for p in prompts if p.length + ANSWER_TOKENS > model_config.max_context]
-    if too_long:
-        raise UserError(f"passkey length {max(too_long)} + {ANSWER_TOKENS} answer tokens exceeds "
-                        f"the model's maximum context {model_config.max_context}")
-    groups: list[list[PasskeySample]] = []
-    for p in prompts:
-        if groups and groups[-1][0].length == p.length and len(groups[-1]) < batch:
-            groups[-1].append(p)
-        else:
-            groups.append([p])
-    it: Any = groups
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(groups, desc=f"passkey {kv_config.name}", unit="batch", file=sys.stderr,
-                  leave=False)
-    results = []
-    for group in it:
-        out = run_generation(params, model_config, kv_config, [list(p.tokens) for p in group],
-                             max_new_tokens=ANSWER_TOKENS, prefill_chunk=prefill_chunk,
-                             eos_token_ids=(), impl=impl, progress=False)
-        for p, ids in zip(group, out.tokens, strict=True):
-            text = tokenizer.decode(ids) if hasattr(tokenizer, "decode") else str(ids)
-            results.append(PasskeyResult(kv_config.name, p.length, p.depth, p.passkey,
-                                         extract_answer(text), text))
-    return results
+    texts = greedy_completions(params, model_config, tokenizer, kv_config,
+                               [p.tokens for p in prompts], max_new_tokens=ANSWER_TOKENS,
+                               prefill_chunk=prefill_chunk, batch=batch, impl=impl,
+                               progress=progress, desc=f"passkey {kv_config.name}")
+    return [PasskeyResult(kv_config.name, p.length, p.depth, p.passkey, extract_answer(text),
+                          text) for p, text in zip(prompts, texts, strict=True)]
 
 
 def accuracy_table(results: Sequence[PasskeyResult]) -> list[dict[str, Any]]:

@@ -105,9 +105,11 @@ def token_window(ids: Sequence[int], n_tokens: int, offset: int = 0,
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (windows start mid-text: no BOS)."""
+    """Token ids of ``text`` without special tokens (windows start mid-text: no BOS).
+    ``tokenizer``: an object with ``encode(text, add_special_tokens=False)`` or a
+    callable text -> ids."""
+    encode: Callable[..., list[int]] = getattr(tokenizer, "encode", tokenizer)
     try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(encode(text, add_special_tokens=False))
     except TypeError:  # a plain callable / tokenizer without the keyword
-        encode: Callable[[str], list[int]] = getattr(tokenizer, "encode", tokenizer)
         return list(encode(text))
