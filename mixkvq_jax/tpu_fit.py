@@ -191,11 +191,32 @@ def markdown(rows: Sequence[FitRow]) -> str:
                 cells.append("error" if r else "-")
             elif r.max_batch == 0:
                 cells.append("does not fit")
-            else:
-                cells.append(f"{r.max_batch} ({r.est_ms:.1f})")
+            else:  # *: the byte model's figure, not confirmed by a compile
+                mark = "" if r.validated else "*"
+                cells.append(f"{r.max_batch}{mark} ({r.est_ms:.1f})")
         lines.append(f"| {model} | {topology} ({mesh}) | {context // 1024}k | "
                      + " | ".join(cells) + " |")
+    lines.append("\n(*: the byte model's max batch, not confirmed by a compile at that batch: "
+                 "run with --validate)")
     return "\n".join(lines)
+
+
+def read_csv(path: Path) -> list[FitRow]:
+    """`FitRow` s written by `write_csv`."""
+    types = {f.name: f.type for f in dataclasses.fields(FitRow)}
+
+    def value(name: str, text: str) -> Any:
+        kind = types[name]
+        if kind == "int":
+            return int(text or 0)
+        if kind == "float":
+            return float(text or "nan")
+        if kind == "bool":
+            return text == "True"
+        return text
+
+    with path.open() as f:
+        return [FitRow(**{k: value(k, v) for k, v in r.items()}) for r in csv.DictReader(f)]
 
 
 def sentence(rows: Sequence[FitRow], model: str, topology: str, context: int) -> str:
