@@ -28,8 +28,8 @@ class CompileCache:
                  static: dict[str, Any]) -> tuple[Any, float]:
         leaves, treedef = jax.tree.flatten(args)
         key = (name, treedef, tuple(sorted(static.items())),
-               tuple((x.shape, str(x.dtype), bool(getattr(x, "weak_type", False)))
-                     for x in leaves))
+               tuple((x.shape, str(x.dtype), bool(getattr(x, "weak_type", False)),
+                      getattr(x, "sharding", None)) for x in leaves))
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key], 0.0

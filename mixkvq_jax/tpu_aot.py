@@ -4,6 +4,11 @@ libtpu's compiler) and report what the compiled program would cost on that chip.
     python -m mixkvq_jax.tpu_aot --model llama3-8b --topology v5e:1x1 \\
         --presets bf16,kivi2,mixkvq --impl auto,xla --batch 8 --context 32768
 
+A topology of several chips (``v5e:2x2``) is compiled sharded over a ``--mesh``
+(`mixkvq_jax.mesh`, as in the generate CLI; default all chips on ``model``): the inputs
+are `NamedSharding` s of that mesh, bytes are per chip, and cache-sized collectives
+(all-gather, all-to-all, collective-permute) are reported (``gathers``).
+
 Per (preset, impl, step kind) -- ``decode``: one token per sequence, tokens [B, 1];
 ``prefill``: a chunk of tokens [B, C] -- the step is jitted with the cache donated and
 bf16 weights, lowered on `jax.ShapeDtypeStruct` inputs placed on a TPU device of the
@@ -100,6 +105,10 @@ class StepResult:
     stack_ops_in_loop: int = 0  # copies of the whole [layers, ...] stack made every layer
     kernels_without_cost: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
+    mesh: str = ""  # "data=D x model=M" when compiled for several chips (bytes per chip)
+    # all-gather / all-to-all / collective-permute results of at least a quarter of one
+    # layer's cache bytes per chip (a cache gathered across chips)
+    gathers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -107,6 +116,27 @@ class _Compiled:
     seconds: float
     memory_bytes: int
     traffic: TrafficReport
+    gathers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+GATHER_OPS = ("all-gather", "all-gather-start", "all-to-all", "collective-permute",
+              "collective-permute-start")
+
+
+def large_collectives(hlo: str, min_bytes: int) -> list[dict[str, Any]]:
+    """Collectives that move data between chips (``GATHER_OPS``) whose result has at
+    least ``min_bytes`` (per chip), anywhere in the optimized HLO text."""
+    from mixkvq_jax.hlo_text import parse_module
+
+    found = []
+    for comp in parse_module(hlo).computations.values():
+        for inst in comp.instructions:
+            if inst.opcode in GATHER_OPS:
+                size = max((x.bytes for x in inst.leaves), default=0)
+                if size >= min_bytes:
+                    found.append({"op": inst.opcode, "shape": inst.shape, "bytes": size,
+                                  "computation": comp.name})
+    return found
 
 
 # ---- the steps -------------------------------------------------------------------------------
@@ -144,34 +174,46 @@ def _jitted(step: str) -> Any:
 
 # ---- abstract inputs -------------------------------------------------------------------------
 def abstract_inputs(config: ModelConfig, kv_config: Any, device: Any, *, batch: int,
-                    context: int, tokens: int) -> tuple[Any, Any, Any, Any]:
+                    context: int, tokens: int, mesh: Any = None) -> tuple[Any, Any, Any, Any]:
     """(params bf16, cache, tokens int32 [B, tokens], counts int32 [B]) as
-    `jax.ShapeDtypeStruct` s placed on ``device``; nothing is allocated."""
+    `jax.ShapeDtypeStruct` s placed on ``device`` or, with ``mesh``, sharded over it as
+    `mixkvq_jax.models.sharding` places them; nothing is allocated."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+    from jax.sharding import PartitionSpec as P
 
     from mixkvq_jax.models import param_shapes
+    from mixkvq_jax.models.sharding import cache_partition_specs, param_partition_specs
 
-    sharding = SingleDeviceSharding(device)
+    params = param_shapes(config, jnp.bfloat16)
+    cache = abstract_cache(config, kv_config, batch=batch, context=context, mesh=mesh)
+    inputs = (jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
+              jax.ShapeDtypeStruct((batch,), jnp.int32))
 
-    def place(x: Any) -> Any:
+    def place(x: Any, sharding: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    params = jax.tree.map(place, param_shapes(config, jnp.bfloat16))
-    cache = jax.tree.map(place, abstract_cache(config, kv_config, batch=batch, context=context))
-    return (params, cache, place(jax.ShapeDtypeStruct((batch, tokens), jnp.int32)),
-            place(jax.ShapeDtypeStruct((batch,), jnp.int32)))
+    if mesh is None:
+        one = SingleDeviceSharding(device)
+        return jax.tree.map(lambda x: place(x, one), (params, cache, *inputs))
+    named = (param_partition_specs(params, config, mesh=mesh), cache_partition_specs(cache),
+             P("data"), P("data"))
+    return jax.tree.map(lambda x, spec: place(x, NamedSharding(mesh, spec)),
+                        (params, cache, *inputs), named)
 
 
-def abstract_cache(config: ModelConfig, kv_config: Any, *, batch: int, context: int) -> Any:
-    """The cache `init_cache` builds for ``config`` (shapes only)."""
+def abstract_cache(config: ModelConfig, kv_config: Any, *, batch: int, context: int,
+                   mesh: Any = None) -> Any:
+    """The cache `init_cache` builds for ``config`` (shapes only); on ``mesh``, with the
+    KV heads it holds there (`mixkvq_jax.mesh.kv_heads`)."""
     import jax
 
     from mixkvq_jax.cache import init_cache
+    from mixkvq_jax.mesh import kv_heads
 
     return jax.eval_shape(lambda: init_cache(kv_config, num_layers=config.num_layers,
-                                             batch=batch, num_kv_heads=config.num_kv_heads,
+                                             batch=batch, num_kv_heads=kv_heads(config, mesh),
                                              max_len=context))
 
 
@@ -187,15 +229,18 @@ def tree_bytes(tree: Any) -> int:
 # ---- compiling ---------------------------------------------------------------------------
 def compile_step(step: str, config: ModelConfig, kv_config: Any, device: Any, *, impl: str,
                  batch: int, context: int, tokens: int, copy_min_bytes: int,
-                 default_trip_count: int = 1) -> _Compiled:
-    """Lower and compile one step for ``device``; its memory bytes and HBM traffic."""
+                 default_trip_count: int = 1, mesh: Any = None) -> _Compiled:
+    """Lower and compile one step for ``device`` (or sharded over ``mesh``: bytes are
+    then per chip); its memory bytes and HBM traffic."""
+    import jax
+
     from mixkvq_jax.target import platform_of
 
     args = abstract_inputs(config, kv_config, device, batch=batch, context=context,
-                           tokens=tokens)
+                           tokens=tokens, mesh=mesh)
     platform = platform_of(args[0])
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), jax.set_mesh(mesh):
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
         compiled = _jitted(step).lower(*args, config=config, impl=impl,
                                        platform=platform).compile()
@@ -203,9 +248,10 @@ def compile_step(step: str, config: ModelConfig, kv_config: Any, device: Any, *,
     mem = compiled.memory_analysis()
     needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
               + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    traffic = estimate_traffic(compiled.as_text(), default_trip_count=default_trip_count,
+    hlo = compiled.as_text()
+    traffic = estimate_traffic(hlo, default_trip_count=default_trip_count,
                                suspicious_min_bytes=copy_min_bytes)
-    return _Compiled(seconds, int(needed), traffic)
+    return _Compiled(seconds, int(needed), traffic, large_collectives(hlo, copy_min_bytes))
 
 
 def _leading_dim(shape: str) -> int | None:
@@ -223,13 +269,16 @@ def _one_line(err: BaseException) -> str:
 def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: str = "auto",
             batch: int = 8, context: int = 32768, prefill_chunk: int = 256,
             layers: int = 4,
-            model_name: str = "", topology: str = "", default_trip_count: int = 1
-            ) -> StepResult:
-    """Compile ``step`` (``decode`` or ``prefill``) for ``device`` and report it at the
-    model's full depth (see the module docstring for the depth extrapolation)."""
+            model_name: str = "", topology: str = "", default_trip_count: int = 1,
+            mesh: Any = None) -> StepResult:
+    """Compile ``step`` (``decode`` or ``prefill``) for ``device`` (or sharded over
+    ``mesh``: bytes per chip) and report it at the model's full depth (see the module
+    docstring for the depth extrapolation)."""
     import jax.numpy as jnp
 
     from mixkvq_jax.config import load_kv_config
+    from mixkvq_jax.mesh import cache_bytes as cache_bytes_of
+    from mixkvq_jax.mesh import describe, weight_bytes
     from mixkvq_jax.models import param_shapes
 
     kv_config = load_kv_config(preset, config.head_dim)
@@ -237,16 +286,17 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
     depth = config.num_layers
     tokens = 1 if step == "decode" else prefill_chunk
     depths = (depth,) if layers >= depth else (layers, layers + 1)
-    full_cache = abstract_cache(config, kv_config, batch=batch, context=context)
-    weights = tree_bytes(param_shapes(config, jnp.bfloat16))
-    cache_bytes = tree_bytes(full_cache)
+    full_cache = abstract_cache(config, kv_config, batch=batch, context=context, mesh=mesh)
+    weights = weight_bytes(param_shapes(config, jnp.bfloat16), config, mesh)
+    cache_bytes = cache_bytes_of(full_cache, mesh)
     floor = weights + cache_bytes
     result = StepResult(
         model=model_name or config.architecture, topology=topology, chip=chip.name,
         preset=preset, impl=impl, step=step, batch=batch, context=context, tokens=tokens,
         layers=depth, layers_compiled=",".join(map(str, depths)), hbm_bytes=chip.hbm_bytes,
         weights_bytes=weights, cache_bytes=cache_bytes, floor_bytes=floor,
-        floor_ms=1e3 * floor / chip.hbm_bandwidth)
+        floor_ms=1e3 * floor / chip.hbm_bandwidth,
+        mesh="" if mesh is None else describe(mesh).split(" over ")[0])
     copy_min = max(1, cache_bytes // depth // 4)
     compiled: dict[int, _Compiled] = {}
 
@@ -255,7 +305,7 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
             compiled[n] = compile_step(step, dataclasses.replace(config, num_layers=n),
                                        kv_config, device, impl=impl, batch=batch,
                                        context=context, tokens=tokens, copy_min_bytes=copy_min,
-                                       default_trip_count=default_trip_count)
+                                       default_trip_count=default_trip_count, mesh=mesh)
         return compiled[n]
 
     n = depths[0]
@@ -312,6 +362,7 @@ def measure(step: str, config: ModelConfig, preset: str, device: Any, *, impl: s
     result.bounded_loops = sorted({u for c in runs for u in c.traffic.bounded_loops})
     result.kernels_without_cost = sorted(
         {k for c in runs for k in c.traffic.kernels_without_cost})
+    result.gathers = last.gathers
     return result
 
 
@@ -362,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile with N and N+1 layers and extrapolate to the model's depth")
     p.add_argument("--default-trip-count", type=_positive, default=1,
                    help="trip count of a loop whose count is not in the HLO (reported)")
+    p.add_argument("--mesh", default="auto",
+                   help="data=D,model=M over the topology's chips, as in the generate CLI; "
+                        "auto: all chips on model (bytes are then per chip)")
     p.add_argument("--require-fit", action="store_true",
                    help="exit with an error if a step does not fit in HBM")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for CSV/markdown/png")
@@ -387,8 +441,18 @@ def _run(args: argparse.Namespace) -> int:
     if "prefill" in args.steps and args.prefill_chunk > args.context:
         raise UserError(f"--prefill-chunk {args.prefill_chunk} is larger than --context "
                         f"{args.context}")
-    device = tpu_devices(args.topology)[0]
+    from mixkvq_jax.mesh import MeshShape, check_mesh, choose_mesh, describe, parse_mesh
+
+    devices = tpu_devices(args.topology)
+    device = devices[0]
     chip = chip_of(device)
+    mesh = None
+    if len(devices) > 1:  # the mesh the generate CLI would use there, checked the same way
+        shape = parse_mesh(args.mesh) or MeshShape(data=1)
+        mesh = choose_mesh(shape, config, batch=args.batch, devices=devices)
+        if mesh is not None:
+            check_mesh(mesh, config, batch=args.batch)
+        print(f"mesh: {describe(mesh)}", file=sys.stderr)
     rows = []
     for preset in args.presets:
         for impl in args.impl:
@@ -397,12 +461,14 @@ def _run(args: argparse.Namespace) -> int:
                 row = measure(step, config, preset, device, impl=impl, batch=args.batch,
                               context=args.context, prefill_chunk=args.prefill_chunk,
                               layers=args.layers, model_name=name, topology=args.topology,
-                              default_trip_count=args.default_trip_count)
+                              default_trip_count=args.default_trip_count, mesh=mesh)
                 rows.append(row)
                 print(report.summary_line(row), file=sys.stderr, flush=True)
     md = report.markdown(rows, chip)
     print(md)
     tag = args.tag or (chip.name if name == "llama3-8b" else f"{name}_{chip.name}")
+    if mesh is not None and args.tag is None:
+        tag += "_" + args.topology.split(":")[-1]
     stem = report.write(rows, md, args.out, tag)
     print(f"wrote {stem}.csv, .md, .png", file=sys.stderr)
     too_big = [r for r in rows if not r.fits and (r.hbm_needed_bytes or not r.error)]

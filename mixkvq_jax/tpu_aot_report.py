@@ -18,7 +18,7 @@ COLUMNS = (
     "layers", "layers_compiled", "compile_s", "fits", "hbm_needed_bytes", "hbm_bytes",
     "traffic_bytes", "weights_bytes", "cache_bytes", "floor_bytes", "ratio", "est_ms",
     "floor_ms", "copies", "unknown_loops", "bounded_loops", "stack_ops_in_loop",
-    "kernels_without_cost", "error",
+    "kernels_without_cost", "error", "mesh", "gathers",
 )
 
 
@@ -99,6 +99,10 @@ def markdown(rows: Sequence[Any], chip: Chip) -> str:
             notes.append(f"- {r.preset} {r.impl} {r.step}: data-dependent loops taken at a "
                          f"full cache (trip count from their slices): "
                          f"{len(r.bounded_loops)}")
+        if r.gathers:
+            notes.append(f"- {r.preset} {r.impl} {r.step}: {len(r.gathers)} cache-sized "
+                         "collectives (all-gather / all-to-all / collective-permute): "
+                         + ", ".join(sorted({g['op'] for g in r.gathers})))
         if r.kernels_without_cost:
             notes.append(f"- {r.preset} {r.impl} {r.step}: Pallas kernels without a "
                          f"CostEstimate: {', '.join(r.kernels_without_cost)}")

@@ -21,6 +21,13 @@ AWQ `Int4Weight` kernels: column-parallel ones (q/k/v/gate/up) shard the output 
 their codes, scales and zeros; row-parallel ones (o/down) are replicated (their codes
 are packed along the input axis in a layout that does not split evenly).
 
+GQA with fewer KV heads than the model axis (8 KV heads on 16 devices): the k/v
+projections are replicated and each KV head is repeated ``m // num_kv_heads`` times
+(consecutively) before it enters the cache (`cache_kv_heads`), so every device holds the
+one KV head its query heads read; the model axis must divide the query heads and be a
+multiple of the KV heads. Exact: query head i still reads a copy of KV head
+``i // (Hq // num_kv_heads)``, and MixKVQ's statistic averages the original group.
+
 Cache: every `LayerKVCache` array [L, B, H, ...] -> (None, data, m); the per-sequence
 ``lengths`` / ``overflow`` [B] -> (data,). So each device holds its KV heads of its
 sequences, next to the k/v projection columns that produce them.
@@ -38,6 +45,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixkvq_jax.cache import layer_partition_specs
 from mixkvq_jax.errors import UserError
 
 from .config import ModelConfig
@@ -48,7 +56,8 @@ _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
 __all__ = [
-    "DEFAULT_MESH_AXES", "ShardingError", "batch_sharding", "cache_partition_specs",
+    "DEFAULT_MESH_AXES", "ShardingError", "batch_sharding", "cache_kv_heads",
+    "cache_partition_specs",
     "make_mesh", "param_partition_specs", "shard_batch", "shard_cache", "shard_params",
 ]
 
@@ -104,12 +113,39 @@ def _check_mesh(mesh: Mesh, mesh_axes: MeshAxes) -> tuple[int, int]:
     return sizes
 
 
+def cache_kv_heads(model_config: ModelConfig, model_size: int) -> int:
+    """KV heads the cache holds on a model axis of ``model_size`` devices: the model's
+    ``num_kv_heads`` when the axis divides them, else ``model_size`` (each KV head
+    repeated ``model_size // num_kv_heads`` times, consecutively, so every device holds
+    the one KV head its query heads read, as MaxText does for GQA on wide meshes)."""
+    hkv = model_config.num_kv_heads
+    return hkv if hkv % model_size == 0 else model_size
+
+
+def _valid_model_sizes(model_config: ModelConfig, limit: int) -> list[int]:
+    return [n for n in range(1, limit + 1) if _model_axis_problem(model_config, n) is None]
+
+
+def _model_axis_problem(model_config: ModelConfig, size: int) -> str | None:
+    hq, hkv, f = model_config.num_heads, model_config.num_kv_heads, model_config.intermediate_size
+    if hq % size:
+        return f"does not divide num_heads={hq}"
+    if hkv % size and size % hkv:
+        return (f"neither divides num_kv_heads={hkv} nor is a multiple of it (KV heads are "
+                "repeated only a whole number of times)")
+    if f % size:
+        return f"does not divide intermediate_size={f}"
+    return None
+
+
 def _check_model_axis(model_config: ModelConfig, size: int, axis: str) -> None:
-    hq, hkv = model_config.num_heads, model_config.num_kv_heads
-    if hkv % size or hq % size:
+    problem = _model_axis_problem(model_config, size)
+    if problem is not None:
+        ok = _valid_model_sizes(model_config, max(size, 8))
         raise ShardingError(
-            f"mesh axis {axis!r} has size {size}, which must divide both num_kv_heads={hkv} "
-            f"and num_heads={hq}; use a model-axis size that divides {np.gcd(hkv, hq)}"
+            f"mesh axis {axis!r} has size {size}, which {problem} (num_heads="
+            f"{model_config.num_heads}, num_kv_heads={model_config.num_kv_heads}); use a "
+            f"model-axis size in {ok}"
         )
     f = model_config.intermediate_size
     if f % size:
@@ -129,7 +165,8 @@ def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _leaf_spec(names: tuple[str, ...], ndim: int, model: str | None, shard_vocab: bool) -> P:
+def _leaf_spec(names: tuple[str, ...], ndim: int, model: str | None, shard_vocab: bool,
+               shard_kv: bool = True) -> P:
     if not names or model is None:
         return P()
     top = names[0]
@@ -143,6 +180,8 @@ def _leaf_spec(names: tuple[str, ...], ndim: int, model: str | None, shard_vocab
         return P()
     proj, field = names[2], names[3]
     quantized = len(names) > 4  # an Int4Weight kernel: .../kernel/<packed|scales|...>
+    if proj in ("k_proj", "v_proj") and not shard_kv:
+        return P()  # fewer KV heads than devices: computed everywhere, then repeated
     if proj in _COLUMN_PARALLEL:
         if quantized and names[-1] == "input_scale":
             return P()
@@ -168,14 +207,15 @@ def param_partition_specs(params: Any, model_config: ModelConfig,
         Without it the vocab is always sharded.
     """
     model = mesh_axes[1]
-    shard_vocab = True
+    shard_vocab = shard_kv = True
     if mesh is not None and model is not None:
         _, size = _check_mesh(mesh, mesh_axes)
         _check_model_axis(model_config, size, model)
         shard_vocab = model_config.vocab_size % size == 0
+        shard_kv = model_config.num_kv_heads % size == 0
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: _leaf_spec(_names(path), np.ndim(x), model, shard_vocab), params
-    )
+        lambda path, x: _leaf_spec(_names(path), np.ndim(x), model, shard_vocab, shard_kv),
+        params)
 
 
 def cache_partition_specs(cache: Any, mesh_axes: MeshAxes = DEFAULT_MESH_AXES) -> Any:
@@ -186,12 +226,7 @@ def cache_partition_specs(cache: Any, mesh_axes: MeshAxes = DEFAULT_MESH_AXES) -
     ``mesh_axes=("data", None)`` for a data-parallel map with whole heads per device).
     """
     data, model = mesh_axes
-
-    def layer_spec(x: Any) -> P:
-        # [L, B] (query_count) or [L, B, H, ...] (everything else)
-        return P(None, data) if np.ndim(x) == 2 else P(None, data, model)
-
-    return cache.replace(layers=jax.tree.map(layer_spec, cache.layers),
+    return cache.replace(layers=layer_partition_specs(cache.layers, data, model),
                          lengths=P(data), overflow=P(data))
 
 
@@ -221,7 +256,8 @@ def _check_cache(cache: Any, mesh: Mesh, mesh_axes: MeshAxes) -> None:
     if cache.num_kv_heads % model_size:
         raise ShardingError(
             f"mesh axis {mesh_axes[1]!r} has size {model_size}, which does not divide the "
-            f"cache's num_kv_heads={cache.num_kv_heads}; use a model-axis size that divides it"
+            f"cache's num_kv_heads={cache.num_kv_heads}; use a model-axis size that divides it "
+            f"or a cache of cache_kv_heads(config, {model_size}) heads (KV heads repeated)"
         )
 
 

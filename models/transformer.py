@@ -169,11 +169,22 @@ class CausalLM(nnx.Module):
         rope = self.rope(lengths[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :])
         kv_config = cache.config
         scale = 1.0 / math.sqrt(self.config.head_dim)
+        # A cache with more KV heads than the model holds each one repeated (a mesh whose
+        # model axis is wider than the KV heads: `models.sharding.cache_kv_heads`).
+        repeat, rest = divmod(cache.num_kv_heads, self.config.num_kv_heads)
+        if rest or repeat < 1 or self.config.num_heads % cache.num_kv_heads:
+            raise ValueError(
+                f"the cache has {cache.num_kv_heads} KV heads; the model needs a multiple of "
+                f"its num_kv_heads={self.config.num_kv_heads} that divides num_heads="
+                f"{self.config.num_heads}")
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, layers: Any, *,
                    index: jax.Array | None) -> tuple[jax.Array, Any]:
+            if repeat > 1:
+                k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
             return attend_and_update(q, k, v, layers, lengths, counts, kv_config, scale=scale,
-                                     impl=impl, index=index, platform=platform)
+                                     impl=impl, index=index, platform=platform,
+                                     kv_repeat=repeat)
 
         x, layers = self._run_layers(self.embed(tokens), rope, attend, cache.layers, platform)
         return self.logits(x, logit_index), advance(cache, layers, counts)

@@ -25,13 +25,15 @@ without a GPU: Triton's compilation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from mixkvq_jax.cache import LayerKVCache, from_bits, layer_at
+from mixkvq_jax.cache import LayerKVCache, from_bits, layer_at, layer_partition_specs
 from mixkvq_jax.config import KVQuantConfig
 from mixkvq_jax.layout import block_fields, field_bytes_per_block
 from mixkvq_jax.partials import Partial, merge_partials
@@ -121,6 +123,10 @@ def cached_attention_pallas(
     Returns:
       `Partial`: out [B, 1, Hq, D] float32 normalized, lse [B, 1, Hq] (-inf where a
       sequence has no cached token).
+
+    Under a mesh context (``jax.set_mesh``, axes ``data`` / ``model``) the kernel runs
+    per shard (`jax.shard_map`): q and the cache sharded by batch over ``data`` and heads
+    over ``model``, as `mixkvq_jax.models.sharding` places them.
     """
     if backend is None and not interpret and jax.default_backend() == "cpu":
         raise ValueError(
@@ -131,6 +137,30 @@ def cached_attention_pallas(
     reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index)
     if reason is not None:
         raise ValueError(f"Pallas decode attention: {reason}")
+    local = functools.partial(_attend_local, config=config, scale=scale, interpret=interpret,
+                              backend=backend, num_splits=num_splits,
+                              blocks_per_step=blocks_per_step)
+    index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, layer, jnp.asarray(lengths, jnp.int32), index)
+    # On a mesh (`jax.set_mesh`): one kernel per shard, each over its own sequences and
+    # KV heads (batch over "data", heads over "model", the cache's own sharding), so no
+    # device gathers the cache; the partial results come back sharded the same way.
+    data = "data" if "data" in mesh.axis_names else None
+    model = "model" if "model" in mesh.axis_names else None
+    q_spec = P(data, None, model, None)
+    in_specs = (q_spec, layer_partition_specs(layer, data, model, stacked=index is not None),
+                P(data), None if index is None else P())
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                         out_specs=Partial(q_spec, P(data, None, model)), check_vma=False)(
+        q, layer, jnp.asarray(lengths, jnp.int32), index)
+
+
+def _attend_local(q: jax.Array, layer: LayerKVCache, lengths: jax.Array, layer_index: Any, *,
+                  config: KVQuantConfig, scale: float, interpret: bool | Any, backend: str,
+                  num_splits: int | None, blocks_per_step: int) -> Partial:
+    """`cached_attention_pallas` on the arrays of one device (shapes as there)."""
     if layer_index is None:  # one layer: a stack of one (a free reshape)
         layer, layer_index = jax.tree.map(lambda x: x[None], layer), 0
     layer_index = jnp.asarray(layer_index, jnp.int32)
@@ -146,7 +176,6 @@ def cached_attention_pallas(
     qg = (q[:, 0].astype(jnp.float32) * scale).reshape(b, h, group, d)
     qg_pad = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - group), (0, 0)))
     inputs = {**query_inputs(qg_pad, lay), **cache_inputs(layer, config)}
-    lengths = jnp.asarray(lengths, jnp.int32)
     nb = layer.value_codes.shape[3] // lay.fields["value_codes"].rows
     splits = num_splits or default_num_splits(b, h, nb, backend)
     if backend == "tpu":

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "colab" / "quickstart.ipynb"
 PARETO_NOTEBOOK = ROOT / "colab" / "kv_pareto.ipynb"
 PARAMETERS = {
-    NOTEBOOK: ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "PROMPT", "MAX_NEW_TOKENS"),
+    NOTEBOOK: ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "PROMPT", "MAX_NEW_TOKENS",
+               "MESH"),
     PARETO_NOTEBOOK: ("REPO_URL", "INSTALL", "MODEL", "LOCAL_CKPT", "SWEEP", "TEXT", "OUT_DIR"),
 }
 
@@ -76,8 +77,14 @@ def test_notebook_is_stripped(path):
 
 
 def test_quickstart_notebook_runs_on_cpu(demo_checkpoint, tmp_path):
+    """On 8 CPU devices, sharded ``data=2,model=4`` (the batch of 1 padded to 2; 2 KV heads
+    repeated over 4): the notebook checks its greedy tokens against one device."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    _inject(nb, {"INSTALL": False, "LOCAL_CKPT": str(demo_checkpoint), "MAX_NEW_TOKENS": 8})
+    _inject(nb, {"INSTALL": False, "LOCAL_CKPT": str(demo_checkpoint), "MAX_NEW_TOKENS": 8,
+                 "MESH": "data=2,model=4"})
+    nb.cells.insert(0, nbformat.v4.new_code_cell(  # before JAX starts in the kernel
+        "import os\nos.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + "
+        "' --xla_force_host_platform_device_count=8'"))
     client = nbclient.NotebookClient(
         nb, km=_kernel_manager(tmp_path), timeout=600,
         resources={"metadata": {"path": str(tmp_path)}},
@@ -90,6 +97,10 @@ def test_quickstart_notebook_runs_on_cpu(demo_checkpoint, tmp_path):
     assert "backend cpu" in text and "continuing on CPU" in text
     assert "attention path over the quantized cache: xla" in text
     assert "[bf16] prompt" in text and "[mixkvq] prompt" in text
+    assert "8 devices; mesh: data=2 x model=4 over 8 cpu devices" in text
+    for preset in ("bf16", "kivi2", "mixkvq"):
+        assert (f"{preset}: data=2 x model=4 over 8 cpu devices vs one device, same greedy "
+                "tokens: True") in text
     assert "MixKVQ stores a cached token in 21.9% of the bf16 bytes" in text
     images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1, "the KV-memory plot was not drawn"

@@ -146,10 +146,13 @@ _SCRIPT = textwrap.dedent("""
     out, cache, tok = run(sp, sc, place)
     hlo = step.lower(sp, place(tok[:, None]), cache, config=cfg, impl="xla").compile()
     odd = ModelConfig(**{**TINY, "vocab_size": 255})
+    heads6 = ModelConfig(**{**TINY, "num_heads": 6, "num_kv_heads": 3, "intermediate_size": 384})
     odd_specs = param_partition_specs(param_shapes(odd), odd, mesh=mesh)
     errors = {}
     for name, fn in {
-        "model4": lambda: shard_params(params, make_mesh(1, 4), cfg),
+        # 6 query heads do not split 4 ways (2 KV heads on 4 devices would: repeated)
+        "model4": lambda: param_partition_specs(param_shapes(heads6), heads6,
+                                                mesh=make_mesh(1, 4)),
         "cache_model4": lambda: shard_cache(new_cache(), make_mesh(1, 4)),
         "batch": lambda: shard_cache(new_cache(), make_mesh(4, 1)),
     }.items():
@@ -207,7 +210,8 @@ def test_sharded_prefill_and_decode_match_single_device(multi_device_result):
 def test_bad_mesh_errors(multi_device_result):
     errors = multi_device_result["errors"]
     assert errors["model4"] is not None
-    assert "size 4" in errors["model4"] and "num_kv_heads=2" in errors["model4"]
-    assert "num_heads=4" in errors["model4"] and "\n" not in errors["model4"]
+    assert "size 4" in errors["model4"] and "num_kv_heads=3" in errors["model4"]
+    assert "num_heads=6" in errors["model4"] and "\n" not in errors["model4"]
+    assert "model-axis size in [1, 3, 6]" in errors["model4"]  # the sizes that would work
     assert "num_kv_heads=2" in errors["cache_model4"]
     assert "batch=2" in errors["batch"]
