@@ -97,6 +97,7 @@ def cached_attention_pallas(
     num_splits: int | None = None,
     blocks_per_step: int = 8,
     layer_index: Any = None,
+    block_table: Any = None,
 ) -> Partial:
     """Decode attention of q [B, 1, Hq, D] over each sequence's first ``lengths`` tokens.
 
@@ -128,7 +129,8 @@ def cached_attention_pallas(
             "impl='pallas_interpret' (interpret mode) or impl='xla'"
         )
     backend = resolve_backend(backend)
-    reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index)
+    reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index,
+                                block_table=block_table)
     if reason is not None:
         raise ValueError(f"Pallas decode attention: {reason}")
     if layer_index is None:  # one layer: a stack of one (a free reshape)

@@ -85,7 +85,7 @@ def resolve_backend(backend: str | None) -> str:
 
 def unsupported_reason(
     q: jax.Array, layer: LayerKVCache, config: KVQuantConfig, backend: str | None = None,
-    *, layer_index: Any = None,
+    *, layer_index: Any = None, block_table: Any = None,
 ) -> str | None:
     """Why the Pallas decode kernel cannot run this call (None: it can).
 
@@ -95,6 +95,8 @@ def unsupported_reason(
     """
     if q.ndim != 4:
         return f"q must be [batch, tokens, q_heads, head_dim], got shape {q.shape}"
+    if block_table is not None:
+        return "a paged cache (block table) is read by the XLA path"
     b, c, hq, d = q.shape
     if c != 1:
         return (f"the decode kernel takes one query token per sequence (C == 1); got a "
