@@ -141,7 +141,7 @@ def plan_pool(config: KVQuantConfig, *, num_layers: int, num_kv_heads: int, budg
     """
     page = page_bytes(config, num_layers=num_layers, num_kv_heads=num_kv_heads)
     slot = slot_bytes(config, num_layers=num_layers, num_kv_heads=num_kv_heads, max_len=max_len)
-    per_seq = slot + blocks_needed(typical_tokens, config) * page
+    per_seq = slot + max(1, blocks_needed(typical_tokens, config)) * page
     slots = min(max_slots, budget_bytes // per_seq)
     if slots < 1:
         raise ValueError(

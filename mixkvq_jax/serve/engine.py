@@ -90,7 +90,8 @@ class Request:
     ``on_event`` is called from the engine thread with ``("token", id)`` for every
     generated token, then once ``("done", reason)`` (``eos`` | ``length`` | ``stop`` |
     ``cancelled``). ``stop`` (optional) sees the generated ids after each token and
-    returns True to end the request (stop strings); ``eos`` ids end it too.
+    returns True to end the request (stop strings); ``eos`` ids end it too, and the
+    engine's, unless ``ignore_eos`` (benchmarks: every request runs to ``max_tokens``).
     """
 
     prompt: list[int]
@@ -99,6 +100,7 @@ class Request:
     eos: frozenset[int] = frozenset()
     on_event: Callable[[Event], None] | None = None
     stop: Callable[[list[int]], bool] | None = None
+    ignore_eos: bool = False
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     # progress (engine thread)
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -397,7 +399,7 @@ class Engine:
         """Take a generated token; finish the request at EOS, a stop, or its length."""
         request.generated.append(token)
         request.emit(("token", token))
-        if token in self.eos or token in request.eos:
+        if not request.ignore_eos and (token in self.eos or token in request.eos):
             self._finish(request, "eos")
         elif request.stop is not None and request.stop(request.generated):
             self._finish(request, "stop")

@@ -207,7 +207,9 @@ class Service:
         if stops:
             tok = self.tokenizer
             stop_fn = lambda ids: any(s in tok.decode(ids) for s in stops)
+        ignore_eos = bool(_field(body, "ignore_eos", (bool,), False))  # vLLM's extension
         request = Request(prompt, max_tokens, sampling, eos=self.eos, stop=stop_fn,
+                          ignore_eos=ignore_eos,
                           on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         try:
             self.engine.check(request)
