@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--max-slots", type=int, default=64)
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait for a slot (default: the whole trace); a "
+                   "small queue turns the run into a load test: the rest get HTTP 429")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="cpu")
@@ -202,7 +205,7 @@ def summarize(preset: str, results: list[dict], t0: float, trace: list[dict],
 
 
 def table(rows: list[dict]) -> str:
-    base = rows[0]
+    base = next((r for r in rows if r["preset"] == "bf16"), rows[0])
     head = ("| preset | slots | pages | max concurrent | served / rejected | output tok/s | "
             f"tok/s vs {base['preset']} | concurrency vs {base['preset']} | TTFT p50 / p90 s | "
             "ITL p50 / p90 / p99 ms | pages used after |")
@@ -230,7 +233,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("max_concurrent", "tokens_per_s", "itl_p50_ms"),
                               ("max concurrent sequences", "output tokens/s",
                                "inter-token latency p50 (ms)"), strict=True):
-        ax.bar(names, [r[key] for r in rows], color=["#888", "#4a7", "#37c"][:len(rows)])
+        colors = {"bf16": "#888", "kivi2": "#4a7", "mixkvq": "#37c"}
+        ax.bar(names, [r[key] for r in rows], color=[colors.get(n, "#c73") for n in names])
         ax.set_title(title)
     fig.suptitle(f"serving at the same KV budget ({rows[0]['budget_mib']:.0f} MiB), "
                  f"{rows[0]['requests']} requests")
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                                        typical_tokens=typical, max_slots=args.max_slots, **dims)
         engine = Engine(params, model_config, kv, slots=slots, pages=pages,
                         max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                        max_queue=len(trace), eos_token_ids=())
+                        max_queue=args.max_queue or len(trace), eos_token_ids=())
         t = time.perf_counter()
         engine.warmup()
         compile_s = time.perf_counter() - t

@@ -163,6 +163,47 @@ def test_admission_waits_for_free_pages_and_cancel_frees_them(tiny_model):
         engine.submit(Request([1] * 100, 29))
 
 
+def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_goes_on(tiny_model,
+                                                                           monkeypatch):
+    import threading
+
+    cfg, params = tiny_model
+    engine = Engine(params, cfg, _kv("kivi2"), slots=3, pages=24, max_len=256,
+                    prefill_chunk=32)
+    events = []
+    first = engine.submit(Request([5] * 40, 30, on_event=events.append))
+    real = engine._decode
+    calls = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure\nwith a second line")
+        real()
+
+    monkeypatch.setattr(engine, "_decode", flaky)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run_forever, args=(stop,))
+    thread.start()
+    try:
+        for _ in range(2000):
+            if first.finish_reason is not None:
+                break
+            time.sleep(0.01)
+        assert first.finish_reason == "error" and events[-1] == ("done", "error")
+        assert engine.last_error == "RuntimeError: injected failure"
+        assert engine.pool.used == 0
+        second = engine.submit(Request([5] * 40, 5))
+        for _ in range(2000):
+            if second.finish_reason is not None:
+                break
+            time.sleep(0.01)
+        assert second.finish_reason == "length" and len(second.generated) == 5
+    finally:
+        stop.set()
+        thread.join()
+
+
 # ---- the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(demo_model):
@@ -223,6 +264,28 @@ def test_completions_and_chat_match_the_engine(server):
         assert first["object"] == "chat.completion.chunk"
         assert first["choices"][0]["delta"] == {"role": "assistant"} and lines[-1] == "data: [DONE]"
         assert _wait_idle(client)["pages_used"] == 0
+
+
+def test_the_official_openai_client_works(server):
+    """The `openai` Python package against this server: completions, chat, streaming,
+    and its error type for a 404."""
+    openai = pytest.importorskip("openai")
+    url, _, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6,
+                                     temperature=0)
+    assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
 
 
 @pytest.mark.parametrize("body, status, words", [

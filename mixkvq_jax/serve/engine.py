@@ -89,9 +89,10 @@ class Request:
 
     ``on_event`` is called from the engine thread with ``("token", id)`` for every
     generated token, then once ``("done", reason)`` (``eos`` | ``length`` | ``stop`` |
-    ``cancelled``). ``stop`` (optional) sees the generated ids after each token and
-    returns True to end the request (stop strings); ``eos`` ids end it too, and the
-    engine's, unless ``ignore_eos`` (benchmarks: every request runs to ``max_tokens``).
+    ``cancelled`` | ``error``: a step failed, `Engine.last_error` says why). ``stop``
+    (optional) sees the generated ids after each token and returns True to end the
+    request (stop strings); ``eos`` ids end it too, and the engine's, unless
+    ``ignore_eos`` (benchmarks: every request runs to ``max_tokens``).
     """
 
     prompt: list[int]
@@ -212,6 +213,7 @@ class Engine:
         self._cancel: set[Request] = set()
         self.max_concurrent = 0
         self.steps = {"decode": 0, "prefill": 0}
+        self.last_error = ""
 
     # ---- requests (any thread) ---------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -294,12 +296,25 @@ class Engine:
             pass
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set (the server's background thread)."""
+        """Serve until ``stop`` is set (the server's background thread). A step that
+        raises ends the requests in flight with ``("done", "error")`` (their pages
+        return) and the loop goes on."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as err:  # noqa: BLE001 (keep serving; report per request)
+                self.last_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                self._fail_running()
+                continue
+            if not worked:
                 with self._lock:
                     if not self._waiting and not self._cancel:
                         self._wake.wait(timeout=0.05)
+
+    def _fail_running(self) -> None:
+        for r in self._running:
+            if r is not None:
+                self._finish(r, "error")
 
     def warmup(self) -> None:
         """Compile both programs (nothing is stored: every count is zero)."""

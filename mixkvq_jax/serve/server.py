@@ -13,6 +13,7 @@ Errors are OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``
        ``n`` != 1, ...), a prompt longer than the maximum context, no chat template
 404    an unknown ``model``
 429    the admission queue is full (``Retry-After`` header): retry later
+500    a step of the engine failed (the request's pages are freed; the engine goes on)
 503    the engine is not running
 =====  ================================================================================
 
@@ -325,6 +326,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str) -> FastAPI:
         finally:
             if request.finish_reason is None:
                 engine.cancel(request)
+        if value == "error":
+            raise APIError(500, f"generation failed: {engine.last_error}", kind="server_error")
         tracker.update(request.generated)
         finish = _reason(value if not tracker.stopped else "stop")
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -375,6 +378,11 @@ async def _stream(service: Service, request: Request, stops: list[str], events: 
                 text = sink.take()
                 if text:
                     yield chunk(text, None)
+            elif kind_ == "done" and value == "error":
+                error = {"message": f"generation failed: {service.engine.last_error}",
+                         "type": "server_error", "param": None, "code": None}
+                yield "data: " + json.dumps({"error": error}) + "\n\n"
+                return
             elif kind_ == "done":
                 tracker.finish()
                 yield chunk(sink.take(), _reason("stop" if tracker.stopped else value))
