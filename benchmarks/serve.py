@@ -10,9 +10,11 @@ timing the first token and the gaps between tokens. Compilation happens before t
 trace starts (`Engine.warmup`) and is reported apart.
 
 Reported per preset: slots and pages the budget gives, max concurrent sequences seen,
-output tokens/s over the trace (first arrival to last token), time to first token and
-inter-token latency percentiles, requests served / rejected (429); ratios vs ``bf16``
-from the same run. Writes ``serve_<tag>.csv``, ``.md`` and ``.png`` under ``--out``.
+output tokens/s over the trace (first arrival to last token, summed over ``--rounds``
+replays in mirrored order ABC CBA so a shared machine's drift hits every preset alike),
+time to first token and inter-token latency percentiles, requests served / rejected
+(429); ratios vs ``bf16`` from the same run. Writes ``serve_<tag>.csv``, ``.md`` and
+``.png`` under ``--out``.
 
     python benchmarks/serve.py                      # SmolLM2-135M on CPU, the README table
     python benchmarks/serve.py --ckpt DIR --requests 4 --output-len 4,8   # a smoke run
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a slot (default: the whole trace); a "
                    "small queue turns the run into a load test: the rest get HTTP 429")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="replays of the trace per preset, in mirrored order (ABC CBA)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="cpu")
     p.add_argument("--tpu-aot", default=None, metavar="TOPOLOGY",
@@ -180,26 +184,36 @@ def run_trace(url: str, trace: list[dict]) -> tuple[list[dict], float]:
     return results, t0
 
 
-def summarize(preset: str, results: list[dict], t0: float, trace: list[dict],
-              engine_stats: dict, slots: int, pages: int, budget: int, compile_s: float
-              ) -> dict:
+def summarize(preset: str, runs: list[tuple[list[dict], float, dict]], trace: list[dict],
+              slots: int, pages: int, budget: int, compile_s: float) -> dict:
+    """One row per preset over its rounds (``runs``: (results, start, /health after)):
+    tokens / summed durations, latency percentiles over every request of every round."""
+    results = [r for rs, _, _ in runs for r in rs]
     ok = [r for r in results if r["status"] == 200]
-    tokens = sum(r["tokens"] for r in ok)
-    end = max((r["times"][-1] for r in ok if r["times"]), default=t0)
+    per_round = []
+    for rs, t0, _ in runs:
+        served = [r for r in rs if r["status"] == 200]
+        end = max((r["times"][-1] for r in served if r["times"]), default=t0)
+        per_round.append((sum(r["tokens"] for r in served), end - t0))
+    tokens = sum(n for n, _ in per_round)
+    duration = sum(d for _, d in per_round)
     ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")
     return {
         "preset": preset, "budget_mib": budget / 2**20, "slots": slots, "pages": pages,
-        "requests": len(trace), "served": len(ok),
+        "rounds": len(runs), "requests": len(results), "served": len(ok),
         "rejected": sum(r["status"] == 429 for r in results),
         "failed": sum(r["status"] not in (200, 429) for r in results),
-        "max_concurrent": engine_stats["max_concurrent"],
-        "output_tokens": tokens, "expected_tokens": sum(r["max_tokens"] for r in trace),
-        "duration_s": end - t0, "tokens_per_s": tokens / max(end - t0, 1e-9),
+        "max_concurrent": max(h["max_concurrent"] for _, _, h in runs),
+        "output_tokens": tokens,
+        "expected_tokens": len(runs) * sum(r["max_tokens"] for r in trace),
+        "duration_s": duration, "tokens_per_s": tokens / max(duration, 1e-9),
+        "tokens_per_s_by_round": " ".join(f"{n / max(d, 1e-9):.1f}" for n, d in per_round),
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
         "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p90_ms": 1e3 * pct(itl, 90),
-        "itl_p99_ms": 1e3 * pct(itl, 99), "pages_used_after": engine_stats["pages_used"],
+        "itl_p99_ms": 1e3 * pct(itl, 99),
+        "pages_used_after": max(h["pages_used"] for _, _, h in runs),
         "compile_s": compile_s,
     }
 
@@ -208,8 +222,8 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["preset"] == "bf16"), rows[0])
     head = ("| preset | slots | pages | max concurrent | served / rejected | output tok/s | "
             f"tok/s vs {base['preset']} | concurrency vs {base['preset']} | TTFT p50 / p90 s | "
-            "ITL p50 / p90 / p99 ms | pages used after |")
-    lines = [head, "|" + "---|" * 11]
+            "ITL p50 / p90 / p99 ms | pages used after | tok/s by round |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['preset']} | {r['slots']} | {r['pages']} | {r['max_concurrent']} | "
@@ -218,7 +232,7 @@ def table(rows: list[dict]) -> str:
             f"{r['max_concurrent'] / base['max_concurrent']:.2f}x | "
             f"{r['ttft_p50_s']:.2f} / {r['ttft_p90_s']:.2f} | "
             f"{r['itl_p50_ms']:.0f} / {r['itl_p90_ms']:.0f} / {r['itl_p99_ms']:.0f} | "
-            f"{r['pages_used_after']} |")
+            f"{r['pages_used_after']} | {r['tokens_per_s_by_round']} |")
     return "\n".join(lines)
 
 
@@ -237,7 +251,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar(names, [r[key] for r in rows], color=[colors.get(n, "#c73") for n in names])
         ax.set_title(title)
     fig.suptitle(f"serving at the same KV budget ({rows[0]['budget_mib']:.0f} MiB), "
-                 f"{rows[0]['requests']} requests")
+                 f"{rows[0]['requests']} requests per preset")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -262,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     typical = int(np.mean([len(r["prompt"]) + r["max_tokens"] for r in trace]))
     budget = int(args.budget_mb * 2**20)
     dims = {"num_layers": model_config.num_layers, "num_kv_heads": model_config.num_kv_heads}
-    rows = []
-    for name in presets:
+    # Rounds in mirrored order (A B C, C B A, ...): drift of a shared machine's speed
+    # over the run hits every preset alike.
+    order = [p for i in range(args.rounds) for p in (presets if i % 2 == 0 else presets[::-1])]
+    plans: dict[str, tuple] = {}
+    runs: dict[str, list] = {name: [] for name in presets}
+    for name in order:
         r = args.residual_length
         kv = load_kv_config(name, model_config.head_dim, residual_length=r,
                             key_group_size=min(32, r))
@@ -275,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         engine.warmup()
         compile_s = time.perf_counter() - t
+        plans.setdefault(name, (slots, pages, compile_s))
         print(f"{name}: {slots} slots, {pages} pages of {r} tokens "
               f"({paged.memory_bytes(engine.cache) / 2**20:.1f} MiB held), compiled in "
               f"{compile_s:.0f} s; replaying {len(trace)} requests...", file=sys.stderr)
@@ -283,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             import httpx
 
             stats = httpx.get(f"{url}/health").json()
-        rows.append(summarize(name, results, t0, trace, stats, slots, pages, budget,
-                              compile_s))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        runs[name].append((results, t0, stats))
+        print(json.dumps(summarize(name, runs[name][-1:], trace, slots, pages, budget,
+                                   compile_s)), file=sys.stderr)
+    rows = [summarize(name, runs[name], trace, *plans[name][:2], budget, plans[name][2])
+            for name in presets]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"serve_{args.tag}"
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -296,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     info = (f"{model_config.architecture} ({Path(str(ckpt)).name}), KV budget "
             f"{args.budget_mb:g} MiB, R = {args.residual_length}, {len(trace)} requests, "
             f"Poisson {args.rate:g}/s, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
-            f"output {args.output_len[0]}-{args.output_len[1]} tokens, seed {args.seed}")
+            f"output {args.output_len[0]}-{args.output_len[1]} tokens, seed {args.seed}, "
+            f"{args.rounds} rounds per preset in order {' '.join(order)}")
     Path(f"{stem}.md").write_text(info + "\n\n" + text + "\n")
     plot(rows, Path(f"{stem}.png"))
     print(info)
