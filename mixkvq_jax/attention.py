@@ -88,6 +88,7 @@ def cached_attention(
     impl: str = "auto",
     index: jax.Array | None = None,
     platform: str | None = None,
+    block_table: jax.Array | None = None,
 ) -> Partial:
     """Attention of new queries over the cached tokens of one layer.
 
@@ -102,6 +103,8 @@ def cached_attention(
         over its layer ``index`` (read in place: no per-layer copy).
       platform: the platform the program is compiled for (``cpu``/``gpu``/``tpu``;
         default: this process's backend). ``auto`` and the kernel body follow it.
+      block_table: [B, MB] int32 for a paged cache (`mixkvq_jax.paged`): the block
+        fields are a pool of pages and block j of sequence b is page ``block_table[b, j]``.
 
     Returns:
       `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]).
@@ -123,16 +126,18 @@ def cached_attention(
         else:
             # On CPU (interpret mode) the kernel body is the TPU one.
             backend = platform if platform in kernels.BACKENDS else "tpu"
-            reason = kernels.unsupported_reason(q, layer, config, backend, layer_index=index)
+            reason = kernels.unsupported_reason(q, layer, config, backend, layer_index=index,
+                                                block_table=block_table)
             if reason is None:
                 return kernels.cached_attention_pallas(
                     q, layer, lengths, config, scale=scale, backend=backend,
-                    interpret=impl == "pallas_interpret", layer_index=index)
+                    interpret=impl == "pallas_interpret", layer_index=index,
+                    block_table=block_table)
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
     return history_attention_xla(q, layer, lengths, config, scale=scale,
                                  blocks_per_step=BLOCKS_PER_STEP, index=index,
-                                 platform=platform)
+                                 platform=platform, block_table=block_table)
 
 
 def attend_and_update(
@@ -149,6 +154,7 @@ def attend_and_update(
     index: jax.Array | None = None,
     platform: str | None = None,
     kv_repeat: int = 1,
+    block_table: jax.Array | None = None,
 ) -> tuple[jax.Array, LayerKVCache]:
     """One attention layer's work for a chunk of new tokens (prefill or decode).
 
@@ -158,7 +164,8 @@ def attend_and_update(
         (then layer ``index`` is read and updated in place: see `update_layer`).
       lengths: [B] tokens cached before the chunk.
       counts: [B] valid chunk tokens per sequence (right padding beyond).
-      impl, platform: as in `cached_attention`.
+      impl, platform, block_table: as in `cached_attention` (a paged cache: its pool
+        is read and written through ``block_table``).
       kv_repeat: k / v hold each of the model's KV heads this many times (a mesh wider
         than the KV heads, `update_layer`).
 
@@ -170,7 +177,7 @@ def attend_and_update(
     """
     scale = config.head_dim**-0.5 if scale is None else scale
     history = cached_attention(q, layer, lengths, config, scale=scale, impl=impl, index=index,
-                               platform=platform)
+                               platform=platform, block_table=block_table)
     own = chunk_attention(q, k, v, counts, scale=scale)
     out = merge_partials(history, own).out.astype(q.dtype)
     # The update writes into the buffer the attention read. XLA does that in place only
@@ -179,4 +186,4 @@ def attend_and_update(
     # a zero XLA cannot fold (no float is < -inf, NaN included): reads come first.
     after_reads = (out.reshape(-1)[0] < -jnp.inf).astype(lengths.dtype)
     return out, update_layer(layer, lengths + after_reads, k, v, q, counts, config,
-                             index=index, kv_repeat=kv_repeat)
+                             index=index, kv_repeat=kv_repeat, block_table=block_table)

@@ -141,6 +141,7 @@ def history_attention_xla(
     blocks_per_step: int | None = None,
     index: jax.Array | None = None,
     platform: str | None = None,
+    block_table: jax.Array | None = None,
 ) -> Partial:
     """Attention of q [B, C, Hq, D] over each sequence's first ``lengths`` cached tokens.
 
@@ -151,7 +152,8 @@ def history_attention_xla(
     be a copy of the whole layer, as the loop needs its operands in memory).
     ``platform`` (default: this process's backend): the CPU tricks below (word-major
     tiles, one sub-byte bitcast per unpack) are for CPU targets only; XLA:TPU has no
-    ``uint2`` type.
+    ``uint2`` type. ``block_table`` [B, MB] int32: a paged cache (`mixkvq_jax.paged`);
+    each step gathers its blocks' pages from the pool (`layout.gather_pages`).
     """
     blocks = {name: getattr(layer, name) for name in BLOCK_FIELDS}
     if index is None:
@@ -168,7 +170,8 @@ def history_attention_xla(
     m = gq * c
     qm = qg.reshape(b, kv_heads, m, d)
     fields = layout.block_fields(config)
-    n_slots = blocks["value_codes"].shape[3] // fields["value_codes"].rows
+    n_slots = (blocks["value_codes"].shape[3] // fields["value_codes"].rows
+               if block_table is None else block_table.shape[1])
     step = max(1, min(blocks_per_step or BLOCKS_PER_STEP, n_slots))
     n_blocks = lengths // r  # [B]
     # Codes unpacked word-major where they pack evenly (`quant.unpack_word_major`, one
@@ -186,10 +189,14 @@ def history_attention_xla(
     def body(i: jax.Array, carry: Carry) -> Carry:
         # The last step may overlap the previous one; blocks already seen are masked.
         start = jnp.minimum(i * step, n_slots - step)
-        sl = {name: jax.lax.dynamic_slice(
-            x, (index, 0, 0, start * fields[name].rows, 0),
-            (1, *x.shape[1:3], step * fields[name].rows, x.shape[4]))[0]
-            for name, x in blocks.items()}
+        if block_table is None:
+            sl = {name: jax.lax.dynamic_slice(
+                x, (index, 0, 0, start * fields[name].rows, 0),
+                (1, *x.shape[1:3], step * fields[name].rows, x.shape[4]))[0]
+                for name, x in blocks.items()}
+        else:
+            pages = jax.lax.dynamic_slice_in_dim(block_table, start, step, axis=1)
+            sl = {name: layout.gather_pages(x, pages, index) for name, x in blocks.items()}
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
         sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)

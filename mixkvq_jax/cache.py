@@ -491,6 +491,7 @@ def update_layer(
     *,
     index: jax.Array | None = None,
     kv_repeat: int = 1,
+    block_table: jax.Array | None = None,
 ) -> LayerKVCache:
     """Append a chunk of tokens to one layer; quantize every window that fills up.
 
@@ -512,6 +513,10 @@ def update_layer(
         (consecutive copies, for a mesh whose model axis is larger than the KV heads:
         `mixkvq_jax.models.sharding.cache_kv_heads`); the MixKVQ statistic of a copy
         is still the mean over all query heads of the model's KV head.
+      block_table: [B, MB] int32 for a paged cache (`mixkvq_jax.paged`): the block
+        fields are then a shared pool of pages ([P, H, rows, 128], a stack [L, P, ...]
+        with ``index``) and block j of sequence b goes to page ``block_table[b, j]``
+        (`layout.block_address`); the per-sequence fields stay [B, ...].
 
     Returns:
       The updated layer. ``lengths`` is not stored per layer: advance it once for all
@@ -621,7 +626,8 @@ def update_layer(
     # in a loop: XLA applies those in place, also into a stack of layers, and for every
     # dtype (a scatter of 16-bit floats is rewritten on CPU to convert the whole target
     # to float32 and back: the whole stack, every layer).
-    nb = stacked.value_codes.shape[-2] // fields["value_codes"].rows
+    nb = (stacked.value_codes.shape[-2] // fields["value_codes"].rows if block_table is None
+          else block_table.shape[1])
     base = [] if index is None else [index]
     targets = {name: x for name, x in _block_arrays(stacked).items() if fields[name].rows}
 
@@ -635,7 +641,8 @@ def update_layer(
             upd = jax.lax.dynamic_index_in_dim(new[name], s_, 0, keepdims=False)
             block = jax.lax.dynamic_slice_in_dim(upd, j_ * rows, rows, axis=1)  # [H, rows, L]
             block = _as_stored(block, old.dtype)
-            start = (*base, s_, 0, slot * rows, 0)
+            seq, row = layout.block_address(s_, slot, rows, block_table)
+            start = (*base, seq, 0, row, 0)
             size = (*([1] * len(base)), 1, *block.shape)
             current = jax.lax.dynamic_slice(old, start, size)
             block = _select_bits(keep, current, block.reshape(size))

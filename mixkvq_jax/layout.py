@@ -250,6 +250,39 @@ def unpack(fields: Mapping[str, jax.Array], config: KVQuantConfig) -> dict[str, 
     return out
 
 
+# ---- pages: a block table over a pool of blocks ----------------------------------------
+# A paged cache (`mixkvq_jax.paged`) stores each field as a pool ``[P, H, rows, LANES]``:
+# the non-paged layout with the batch axis replaced by a page axis and one block per
+# "sequence". Block j of sequence b is page ``block_table[b, j]``. These two functions are
+# the only places that turn (sequence, block) into a storage address.
+def block_address(seq: jax.Array, block: jax.Array, rows: int,
+                  block_table: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Where block ``block`` of sequence ``seq`` is stored in a field: (index along the
+    field's leading batch / page axis, first row). Non-paged ``[B, H, NB * rows, LANES]``:
+    ``(seq, block * rows)``; paged pool ``[P, H, rows, LANES]``: ``(block_table[seq,
+    block], 0)``."""
+    if block_table is None:
+        return seq, block * rows
+    return block_table[seq, block], jnp.zeros_like(block)
+
+
+def gather_pages(pool: jax.Array, pages: jax.Array, index: jax.Array | None = None
+                 ) -> jax.Array:
+    """Read blocks through a block table (the XLA path's paged read: one gather).
+
+    Args:
+      pool: a field's pool [P, H, rows, LANES] (or a stack [L, P, H, rows, LANES] with
+        ``index``, the layer to read).
+      pages: [B, S] int32 page ids, S consecutive blocks of each sequence.
+
+    Returns:
+      [B, H, S * rows, LANES]: the blocks as the non-paged field holds them.
+    """
+    got = pool[pages] if index is None else pool[index, pages]  # [B, S, H, rows, LANES]
+    b, s, h, rows, lanes = got.shape
+    return got.transpose(0, 2, 1, 3, 4).reshape(b, h, s * rows, lanes)
+
+
 def field_bytes_per_block(config: KVQuantConfig) -> dict[str, int]:
     """Stored bytes of one block of one KV head, per field (padding included)."""
     return {f.name: f.rows * LANES * jnp.dtype(f.dtype).itemsize
@@ -262,6 +295,6 @@ def padding_bytes_per_block(config: KVQuantConfig) -> int:
                for f in block_fields(config).values())
 
 
-__all__ = ["FIELDS", "LANES", "Field", "Part", "block_fields", "field_bytes_per_block",
-           "field_shape", "pack", "padding_bytes_per_block", "part_index",
-           "permutation_per_word", "unpack"]
+__all__ = ["FIELDS", "LANES", "Field", "Part", "block_address", "block_fields",
+           "field_bytes_per_block", "field_shape", "gather_pages", "pack",
+           "padding_bytes_per_block", "part_index", "permutation_per_word", "unpack"]

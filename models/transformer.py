@@ -143,7 +143,8 @@ class CausalLM(nnx.Module):
         Args:
           tokens: int32 [B, C], right-padded: ``counts[b]`` valid tokens per sequence.
             C is the prefill chunk size, or 1 for a decode step.
-          cache: `QuantizedKVCache`; token i of sequence b gets position
+          cache: `QuantizedKVCache` (or a paged `mixkvq_jax.paged.PagedKVCache`); token i
+            of sequence b gets position
             ``cache.lengths[b] + i``.
           counts: int32 [B] valid tokens (default: all C). Padding tokens are neither
             attended to nor stored.
@@ -177,6 +178,9 @@ class CausalLM(nnx.Module):
                 f"the cache has {cache.num_kv_heads} KV heads; the model needs a multiple of "
                 f"its num_kv_heads={self.config.num_kv_heads} that divides num_heads="
                 f"{self.config.num_heads}")
+        # A paged cache (`mixkvq_jax.paged.PagedKVCache`) has a block table; its blocks
+        # live in a shared pool of pages.
+        block_table = getattr(cache, "block_table", None)
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, layers: Any, *,
                    index: jax.Array | None) -> tuple[jax.Array, Any]:
@@ -184,7 +188,7 @@ class CausalLM(nnx.Module):
                 k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
             return attend_and_update(q, k, v, layers, lengths, counts, kv_config, scale=scale,
                                      impl=impl, index=index, platform=platform,
-                                     kv_repeat=repeat)
+                                     kv_repeat=repeat, block_table=block_table)
 
         x, layers = self._run_layers(self.embed(tokens), rope, attend, cache.layers, platform)
         return self.logits(x, logit_index), advance(cache, layers, counts)

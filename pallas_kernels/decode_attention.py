@@ -99,6 +99,7 @@ def cached_attention_pallas(
     num_splits: int | None = None,
     blocks_per_step: int = 8,
     layer_index: Any = None,
+    block_table: Any = None,
 ) -> Partial:
     """Decode attention of q [B, 1, Hq, D] over each sequence's first ``lengths`` tokens.
 
@@ -119,6 +120,10 @@ def cached_attention_pallas(
       layer_index: with a stacked ``layer``, the layer to attend over (a traced int is
         fine). The kernel reads that layer of the stack in place (TPU: scalar prefetch
         into the index maps; GPU: a pointer offset): no per-layer copy of the cache.
+      block_table: [B, MB] int32 for a paged cache (`mixkvq_jax.paged`): the block
+        fields are a pool [(L,) P, H, rows, 128] and block j of sequence b is page
+        ``block_table[b, j]``. TPU: the table is scalar-prefetched and the index maps
+        pick one page per grid step; GPU: the page offsets the block's pointer.
 
     Returns:
       `Partial`: out [B, 1, Hq, D] float32 normalized, lse [B, 1, Hq] (-inf where a
@@ -134,16 +139,22 @@ def cached_attention_pallas(
             "impl='pallas_interpret' (interpret mode) or impl='xla'"
         )
     backend = resolve_backend(backend)
-    reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index)
+    reason = unsupported_reason(q, layer, config, backend, layer_index=layer_index,
+                                block_table=block_table)
     if reason is not None:
         raise ValueError(f"Pallas decode attention: {reason}")
+    if block_table is not None:
+        block_table = jnp.asarray(block_table, jnp.int32)
     local = functools.partial(_attend_local, config=config, scale=scale, interpret=interpret,
                               backend=backend, num_splits=num_splits,
-                              blocks_per_step=blocks_per_step)
+                              blocks_per_step=blocks_per_step, block_table=block_table)
     index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, layer, jnp.asarray(lengths, jnp.int32), index)
+    if block_table is not None:  # the pool's page axis is not the batch axis a mesh splits
+        raise ValueError("Pallas decode attention: a paged cache on a multi-device mesh is "
+                         "not supported; serve on one device")
     # On a mesh (`jax.set_mesh`): one kernel per shard, each over its own sequences and
     # KV heads (batch over "data", heads over "model", the cache's own sharding), so no
     # device gathers the cache; the partial results come back sharded the same way.
@@ -159,7 +170,8 @@ def cached_attention_pallas(
 
 def _attend_local(q: jax.Array, layer: LayerKVCache, lengths: jax.Array, layer_index: Any, *,
                   config: KVQuantConfig, scale: float, interpret: bool | Any, backend: str,
-                  num_splits: int | None, blocks_per_step: int) -> Partial:
+                  num_splits: int | None, blocks_per_step: int,
+                  block_table: jax.Array | None) -> Partial:
     """`cached_attention_pallas` on the arrays of one device (shapes as there)."""
     if layer_index is None:  # one layer: a stack of one (a free reshape)
         layer, layer_index = jax.tree.map(lambda x: x[None], layer), 0
@@ -176,14 +188,18 @@ def _attend_local(q: jax.Array, layer: LayerKVCache, lengths: jax.Array, layer_i
     qg = (q[:, 0].astype(jnp.float32) * scale).reshape(b, h, group, d)
     qg_pad = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - group), (0, 0)))
     inputs = {**query_inputs(qg_pad, lay), **cache_inputs(layer, config)}
-    nb = layer.value_codes.shape[3] // lay.fields["value_codes"].rows
+    if block_table is None:
+        nb = layer.value_codes.shape[3] // lay.fields["value_codes"].rows
+    else:
+        nb = block_table.shape[1]
     splits = num_splits or default_num_splits(b, h, nb, backend)
     if backend == "tpu":
         out, lse = call_tpu(inputs, lengths, layer_index, lay, num_splits=splits,
-                             blocks_per_step=blocks_per_step, interpret=interpret)
+                             blocks_per_step=blocks_per_step, interpret=interpret,
+                             block_table=block_table)
     else:
         out, lse = call_gpu(inputs, lengths, layer_index, lay, num_splits=splits,
-                             interpret=interpret)
+                             interpret=interpret, block_table=block_table)
     out, lse = _merge_splits(out[:, :, :, :group], lse[:, :, :, :group])
     # The small per-layer arrays (residual window, sinks): this layer's slices.
     layer = layer_at(layer, layer_index)

@@ -55,10 +55,11 @@ def _fma_dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _gpu_block(refs: dict[str, Any], layer: Any, blk: Any, lay: Layout,
-               carry: tuple[Any, ...]) -> tuple[Any, ...]:
+               carry: tuple[Any, ...], page: Any = None) -> tuple[Any, ...]:
     """Fold block ``blk`` of layer ``layer`` into (m [Gq], l [Gq], *acc [Gq, width])
     (GPU; the cache refs are [L, NB, rows * 128] views of the stacked fields: every
-    part is read by pointer arithmetic into its block's record)."""
+    part is read by pointer arithmetic into its block's record). Paged: the refs are
+    [L, P, rows * 128] views of the pool and the block's record is page ``page``."""
     cfg = lay.config
     m_prev, l_prev, *acc = carry
     parts = part_index(cfg)
@@ -67,7 +68,7 @@ def _gpu_block(refs: dict[str, Any], layer: Any, blk: Any, lay: Layout,
         """Elements ``flat`` (an index array) of this block's record of ``field``
         (same-shape index arrays: Triton's lowering cannot mix them with slices)."""
         at = lambda v: jnp.full(flat.shape, v, jnp.int32)
-        return refs[field][at(layer), at(blk), flat]
+        return refs[field][at(layer), at(blk if page is None else page), flat]
 
     def cache(name: str, r0: int, n: int, c0: int = 0, m: int | None = None) -> jax.Array:
         """Rows r0 .. r0 + n, columns c0 .. c0 + m (default all) of part ``name``."""
@@ -142,7 +143,10 @@ def _gpu_block(refs: dict[str, Any], layer: Any, blk: Any, lay: Layout,
 
 
 def _gpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_outs: Any, names: Sequence[str],
-                lay: Layout, blocks_per_split: int) -> None:
+                lay: Layout, blocks_per_split: int, paged: bool) -> None:
+    table_ref = None
+    if paged:  # [MB]: this sequence's row of the block table
+        table_ref, *refs_and_outs = refs_and_outs
     n_in = len(names)
     refs = dict(zip(names, refs_and_outs[:n_in], strict=True))
     o_ref, lse_ref = refs_and_outs[n_in:]
@@ -157,8 +161,12 @@ def _gpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_outs: Any, names: Se
         *[jnp.zeros((lay.gq, pc.width), jnp.float32) for pc in pieces],
     )
     layer = layer_ref[0]
-    m, total, *acc = lax.fori_loop(start, stop,
-                                   lambda i, c: _gpu_block(refs, layer, i, lay, c), carry)
+
+    def one(i: Any, c: tuple[Any, ...]) -> tuple[Any, ...]:
+        page = None if table_ref is None else table_ref[i]  # the block table read
+        return _gpu_block(refs, layer, i, lay, c, page)
+
+    m, total, *acc = lax.fori_loop(start, stop, one, carry)
     safe = jnp.where(total > 0, total, 1.0)
     for pc, a in zip(pieces, acc, strict=True):
         o_ref[:, pc.start : pc.start + pc.width] = a / safe[:, None]
@@ -166,15 +174,28 @@ def _gpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_outs: Any, names: Se
 
 
 def call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.Array,
-              lay: Layout, *, num_splits: int, interpret: Any) -> tuple[jax.Array, ...]:
+              lay: Layout, *, num_splits: int, interpret: Any,
+              block_table: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """The Triton kernel over stacked cache arrays ([L, B, H, NB, ...]): each program
-    gets [L, NB, ...] views of its (sequence, head) and offsets them by the layer."""
+    gets [L, NB, ...] views of its (sequence, head) and offsets them by the layer.
+
+    Paged (``block_table`` [B, MB]; fields are pools [L, P, H, rows, 128]): each program
+    gets [L, P, rows * 128] views of its head's pages and its sequence's table row, and
+    offsets the pointer by the page the row names."""
     names = tuple(inputs)
-    b, h = inputs["value_codes"].shape[1:3]
-    nb = inputs["value_codes"].shape[3] // lay.fields["value_codes"].rows
-    # Each block's record as one row: a free reshape of the row-major stack.
-    arrays = [x if n.startswith("q") else x.reshape(*x.shape[:3], nb, -1)
-              for n, x in inputs.items()]
+    paged = block_table is not None
+    h = inputs["value_codes"].shape[2]
+    if paged:
+        b, nb = block_table.shape
+        # Each page's record as one row: a free reshape of the pool.
+        arrays = [x if n.startswith("q") else x.reshape(*x.shape[:3], -1)
+                  for n, x in inputs.items()]
+    else:
+        b = inputs["value_codes"].shape[1]
+        nb = inputs["value_codes"].shape[3] // lay.fields["value_codes"].rows
+        # Each block's record as one row: a free reshape of the row-major stack.
+        arrays = [x if n.startswith("q") else x.reshape(*x.shape[:3], nb, -1)
+                  for n, x in inputs.items()]
     num_splits = max(1, min(num_splits, nb))
     per_split = pl.cdiv(nb, num_splits)
 
@@ -182,16 +203,23 @@ def call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
         if name.startswith("q"):  # [B, H, ...]
             zeros = (0,) * (x.ndim - 2)
             return pl.BlockSpec((None, None, *x.shape[2:]), lambda bi, hi, si: (bi, hi, *zeros))
+        if paged:  # pool [L, P, H, rows * 128]: every page of this head
+            return pl.BlockSpec((x.shape[0], x.shape[1], None, x.shape[3]),
+                                lambda bi, hi, si: (0, 0, hi, 0))
         zeros = (0,) * (x.ndim - 3)
         return pl.BlockSpec((x.shape[0], None, None, *x.shape[3:]),
                             lambda bi, hi, si: (0, bi, hi, *zeros))
 
-    kernel = functools.partial(_gpu_kernel, names=names, lay=lay, blocks_per_split=per_split)
+    kernel = functools.partial(_gpu_kernel, names=names, lay=lay, blocks_per_split=per_split,
+                               paged=paged)
+    table = ([pl.BlockSpec((None, nb), lambda bi, hi, si: (bi, 0))], [block_table]) if paged \
+        else ([], [])
     return pl.pallas_call(
         kernel,
         grid=(b, h, num_splits),
         in_specs=[pl.BlockSpec((b,), lambda bi, hi, si: (0,)),
                   pl.BlockSpec((1,), lambda bi, hi, si: (0,)),
+                  *table[0],
                   *[spec(n, x) for n, x in zip(names, arrays, strict=True)]],
         out_specs=(
             pl.BlockSpec((None, None, None, lay.gq, lay.d), lambda bi, hi, si: (bi, hi, si, 0, 0)),
@@ -203,8 +231,10 @@ def call_gpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
         ),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
-        cost_estimate=cost_estimate(inputs, lay, b, h, num_splits),
+        cost_estimate=cost_estimate(inputs, lay, b, h, num_splits,
+                                    pages_read=(min(b * nb, inputs["value_codes"].shape[1])
+                                                if paged else None)),
         name="mixkvq_decode_attention_gpu",
-    )(lengths, layer_index.reshape(1), *arrays)
+    )(lengths, layer_index.reshape(1), *table[1], *arrays)
 
 

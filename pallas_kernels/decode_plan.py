@@ -85,7 +85,7 @@ def resolve_backend(backend: str | None) -> str:
 
 def unsupported_reason(
     q: jax.Array, layer: LayerKVCache, config: KVQuantConfig, backend: str | None = None,
-    *, layer_index: Any = None,
+    *, layer_index: Any = None, block_table: Any = None,
 ) -> str | None:
     """Why the Pallas decode kernel cannot run this call (None: it can).
 
@@ -114,6 +114,12 @@ def unsupported_reason(
     h = layer.residual_keys.shape[1 + stacked]
     if hq % h:
         return f"{hq} query heads are not a multiple of {h} KV heads"
+    if block_table is not None:
+        rows = block_fields(config)["value_codes"].rows
+        pool = layer.value_codes.shape[stacked:]
+        if block_table.ndim != 2 or block_table.shape[0] != b or pool[1:3] != (h, rows):
+            return (f"a paged cache needs a pool [P, H={h}, rows={rows}, 128] and a block "
+                    f"table [B={b}, blocks]; got {pool} and {block_table.shape}")
     platform = jax.default_backend()
     if backend is None and platform not in ("tpu", "gpu", "cuda", "rocm", "cpu"):
         return f"no Pallas decode kernel for platform {platform!r} (TPU and GPU only)"
@@ -281,12 +287,16 @@ def mask_sinks(scores: jax.Array, block: Any, lay: Layout) -> jax.Array:
 
 
 def cost_estimate(inputs: dict[str, jax.Array], lay: Layout, batch: int, heads: int,
-                   num_splits: int) -> pl.CostEstimate:
+                   num_splits: int, pages_read: int | None = None) -> pl.CostEstimate:
     """What one call reads and computes when every block of the layer is in use (the
-    kernel reads one layer of each stacked cache array, plus the query once)."""
+    kernel reads one layer of each stacked cache array, plus the query once; a paged
+    pool [L, P, ...]: ``pages_read`` of its pages)."""
     nb = inputs["value_codes"].shape[3]
     per_layer = sum(x.nbytes // x.shape[0] for name, x in inputs.items()
                     if not name.startswith("q"))
+    if pages_read is not None:
+        per_layer = per_layer // inputs["value_codes"].shape[1] * pages_read
+        nb = pages_read // batch
     queries = sum(x.nbytes for name, x in inputs.items() if name.startswith("q"))
     outputs = batch * heads * num_splits * lay.gq * (lay.d + 1) * 4
     blocks = batch * heads * nb

@@ -193,8 +193,11 @@ def _tpu_block(parts: dict[str, Any], q_refs: dict[str, Any], lay: Layout, sc_re
 
 
 def _tpu_kernel(lengths_ref: Any, layer_ref: Any, *refs_and_scratch: Any,
-                names: Sequence[str], lay: Layout, blocks_per_step: int, steps: int) -> None:
+                names: Sequence[str], lay: Layout, blocks_per_step: int, steps: int,
+                paged: bool) -> None:
     del layer_ref  # used by the index maps only
+    if paged:  # the block table: read by the index maps only
+        refs_and_scratch = refs_and_scratch[1:]
     n_in = len(names)
     refs = dict(zip(names, refs_and_scratch[:n_in], strict=True))
     o_ref, lse_ref, sc_ref, m_ref, l_ref, acc_ref, *scratch = refs_and_scratch[n_in:]
@@ -284,17 +287,27 @@ def _tpu_blocks_per_step(nb: int, cap: int, fields: Sequence[tuple[int, int]]) -
 
 def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.Array,
               lay: Layout, *, num_splits: int, blocks_per_step: int,
-              interpret: Any) -> tuple[jax.Array, ...]:
+              interpret: Any, block_table: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """The TPU kernel over the stacked fields ([L, B, H, NB * rows, 128]): layer
     ``layer_index`` is read in place, by the index maps (scalar prefetch), S blocks
-    (S * rows rows of each field) a grid step."""
+    (S * rows rows of each field) a grid step.
+
+    Paged (``block_table`` [B, MB]; fields are pools [L, P, H, rows, 128]): the table is
+    scalar-prefetched too (flattened) and a grid step reads one page, the one
+    ``block_table[b, step]`` names (`_page_of`): no gather, no copy."""
     names = tuple(inputs)
     arrays = [inputs[n] for n in names]
-    b, h = inputs["value_codes"].shape[1:3]
-    nb = inputs["value_codes"].shape[3] // lay.fields["value_codes"].rows
     cache_names = [n for n in names if not n.startswith("q")]
-    s = _tpu_blocks_per_step(nb, blocks_per_step, [
-        (lay.fields[n].rows, jnp.dtype(inputs[n].dtype).itemsize) for n in cache_names])
+    paged = block_table is not None
+    h = inputs["value_codes"].shape[2]
+    if paged:
+        b, nb = block_table.shape
+        s = 1
+    else:
+        b = inputs["value_codes"].shape[1]
+        nb = inputs["value_codes"].shape[3] // lay.fields["value_codes"].rows
+        s = _tpu_blocks_per_step(nb, blocks_per_step, [
+            (lay.fields[n].rows, jnp.dtype(inputs[n].dtype).itemsize) for n in cache_names])
     total_steps = nb // s
     num_splits = max(1, min(num_splits, total_steps))
     steps = pl.cdiv(total_steps, num_splits)
@@ -306,11 +319,20 @@ def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
         last = jnp.clip(valid_steps - 1, 0, total_steps - 1)
         return jnp.minimum(si * steps + ti, last)
 
+    def _page_of(bi: Any, si: Any, ti: Any, ln: Any, table: Any) -> Any:
+        """The page holding the block this grid point reads (the block table read)."""
+        return table[bi * nb + block_step(bi, si, ti, ln)]
+
     def spec(name: str, x: jax.Array) -> pl.BlockSpec:
         if name.startswith("q"):  # [B, H, ...]: once per (sequence, head)
             zeros = (0,) * (x.ndim - 2)
             return pl.BlockSpec((None, None, *x.shape[2:]),
-                                lambda bi, hi, si, ti, ln, li: (bi, hi, *zeros))
+                                lambda bi, hi, si, ti, ln, li, *tb: (bi, hi, *zeros))
+        if paged:  # pool [L, P, H, rows, 128]: one page a step
+            return pl.BlockSpec(
+                (None, None, None, lay.fields[name].rows, LANES),
+                lambda bi, hi, si, ti, ln, li, tb: (li[0], _page_of(bi, si, ti, ln, tb), hi,
+                                                    0, 0))
         return pl.BlockSpec(
             (None, None, None, s * lay.fields[name].rows, LANES),
             lambda bi, hi, si, ti, ln, li: (li[0], bi, hi, block_step(bi, si, ti, ln), 0),
@@ -318,7 +340,8 @@ def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
 
     pieces = lay.value_pieces()
 
-    def split_out(bi: Any, hi: Any, si: Any, ti: Any, ln: Any, li: Any) -> tuple[Any, ...]:
+    def split_out(bi: Any, hi: Any, si: Any, ti: Any, ln: Any, li: Any,
+                  *tb: Any) -> tuple[Any, ...]:
         return (bi, hi, si, 0, 0)
 
     out_specs = (
@@ -326,7 +349,7 @@ def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
         pl.BlockSpec((None, None, None, lay.gq, 1), split_out),
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=3 if paged else 2,
         grid=(b, h, num_splits, steps),
         in_specs=[spec(n, x) for n, x in zip(names, arrays, strict=True)],
         out_specs=out_specs,
@@ -341,7 +364,10 @@ def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
         ],
     )
     kernel = functools.partial(_tpu_kernel, names=names, lay=lay, blocks_per_step=s,
-                               steps=steps)
+                               steps=steps, paged=paged)
+    prefetch = (lengths, layer_index.reshape(1))
+    if paged:
+        prefetch = (*prefetch, block_table.reshape(-1))
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -353,9 +379,11 @@ def call_tpu(inputs: dict[str, jax.Array], lengths: jax.Array, layer_index: jax.
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-        cost_estimate=cost_estimate(inputs, lay, b, h, num_splits),
+        cost_estimate=cost_estimate(inputs, lay, b, h, num_splits,
+                                    pages_read=(min(b * nb, inputs["value_codes"].shape[1])
+                                                if paged else None)),
         name="mixkvq_decode_attention_tpu",
-    )(lengths, layer_index.reshape(1), *arrays)
+    )(*prefetch, *arrays)
     return out, lse[..., 0]
 
 

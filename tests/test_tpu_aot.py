@@ -96,3 +96,21 @@ def test_a_model_that_does_not_fit_is_reported(tmp_path: object) -> None:
     assert "does not fit" in line and "needs" in line and "available" in line
     assert "| bf16 | auto | decode | NO (" in proc.stdout  # the table is still written
     assert (tmp_path / "tpu_aot_smollm2_v5e.csv").is_file()
+
+
+@pytest.mark.parametrize("preset", ["bf16", "kivi2", "mixkvq"])
+def test_serving_decode_step_compiles_with_the_paged_kernel(v5e: object, preset: str) -> None:
+    """The engine's decode step over the paged cache (8 slots, 2048 pages of 128 tokens)
+    compiles for v5e with the paged Pallas kernel (block table by scalar prefetch).
+    bf16 and kivi2 read the pool in place; mixkvq at head_dim 128 has a 10-row key-codes
+    page that XLA relays out for Mosaic (a known cost, docs/cache_layout.md)."""
+    from mixkvq_jax.config import load_kv_config
+    from mixkvq_jax.serve.tpu_aot import compile_decode
+
+    row = compile_decode(SMALL, load_kv_config(preset, SMALL.head_dim), v5e, slots=8,
+                         pages=2048, max_len=CONTEXT)
+    assert row["pallas_kernels"] and row["fits"]
+    if preset != "mixkvq":
+        assert row["cache_sized_copies"] == 0
+        floor = row["cache_gib"] + row["weights_gib"]
+        assert row["traffic_gib"] <= MAX_RATIO * floor, row
