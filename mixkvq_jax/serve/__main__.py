@@ -10,6 +10,7 @@ slots and pages of ``bf16`` at the same budget.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 if __name__ == "__main__":
@@ -77,6 +78,10 @@ def plan(kv_config, model_config, *, budget_gb: float, max_len: int,
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"the server needs {' and '.join(missing)}: pip install -e '.[serve]' "
+                        "(or pip install fastapi uvicorn)")
     for name in ("kv_budget_gb", "prefill_chunk", "max_queue"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
