@@ -102,8 +102,29 @@ class LayerKVCache:
     sink_values: jax.Array
 
 
+class StackedCacheShape:
+    """Shape properties shared by the caches that hold stacked layers (``layers``
+    [layers, batch or slots, kv_heads, ...]) and per-sequence ``lengths``."""
+
+    layers: LayerKVCache
+    lengths: jax.Array
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers.residual_keys.shape[0]
+
+    @property
+    def batch(self) -> int:
+        """Sequences (slots of a paged cache) decoded together."""
+        return self.lengths.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers.residual_keys.shape[2]
+
+
 @struct.dataclass
-class QuantizedKVCache:
+class QuantizedKVCache(StackedCacheShape):
     """The whole cache: stacked layers, per-sequence lengths and an overflow flag.
 
     Attributes:
@@ -120,18 +141,6 @@ class QuantizedKVCache:
     overflow: jax.Array
     config: KVQuantConfig = struct.field(pytree_node=False)
     max_len: int = struct.field(pytree_node=False)
-
-    @property
-    def num_layers(self) -> int:
-        return self.layers.residual_keys.shape[0]
-
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.layers.residual_keys.shape[2]
 
 
 def _dtype(name: str) -> jnp.dtype:

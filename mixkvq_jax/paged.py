@@ -36,13 +36,14 @@ from mixkvq_jax.cache import (
     BLOCK_FIELDS,
     LayerKVCache,
     QuantizedKVCache,
+    StackedCacheShape,
     init_layer,
 )
 from mixkvq_jax.config import KVQuantConfig
 
 
 @struct.dataclass
-class PagedKVCache:
+class PagedKVCache(StackedCacheShape):
     """The paged cache (see the module docstring).
 
     Attributes:
@@ -62,19 +63,6 @@ class PagedKVCache:
     overflow: jax.Array
     config: KVQuantConfig = struct.field(pytree_node=False)
     max_len: int = struct.field(pytree_node=False)
-
-    @property
-    def num_layers(self) -> int:
-        return self.layers.residual_keys.shape[0]
-
-    @property
-    def batch(self) -> int:
-        """Slots (sequences decoded together)."""
-        return self.lengths.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.layers.residual_keys.shape[2]
 
     @property
     def num_pages(self) -> int:

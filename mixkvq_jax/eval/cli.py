@@ -235,6 +235,22 @@ def _precheck_presets(specs: Sequence[str]) -> None:
                             f"{', '.join(sorted(known))} or pass a path to a preset YAML")
 
 
+def _retrieval_args(args: argparse.Namespace, counts: Sequence[str]
+                    ) -> tuple[list[int], list[float]]:
+    """``--lengths`` and ``--depths`` of a retrieval command (passkey, longctx), checked,
+    and the ``counts`` flags checked to be >= 1."""
+    lengths = _csv_list(args.lengths, int)
+    depths = _csv_list(args.depths, float)
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--lengths must be positive integers, got {args.lengths}")
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise UserError(f"--depths must lie in [0, 1], got {args.depths}")
+    for flag in counts:
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    return lengths, depths
+
+
 # ---- commands --------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from mixkvq_jax.eval import metrics as m
@@ -339,14 +355,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     from mixkvq_jax.eval import passkey as pk
     from mixkvq_jax.eval.metrics import reference_config
 
-    lengths = _csv_list(args.lengths, int)
-    depths = _csv_list(args.depths, float)
-    if not lengths or min(lengths) < 1:
-        raise UserError(f"--lengths must be positive integers, got {args.lengths}")
-    if not depths or not all(0 <= d <= 1 for d in depths):
-        raise UserError(f"--depths must lie in [0, 1], got {args.depths}")
-    if args.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    lengths, depths = _retrieval_args(args, ("samples",))
     _precheck_presets(args.presets)
     cfg, params, tok, ckpt = _load_model(args.ckpt)
     if max(lengths) + pk.ANSWER_TOKENS > cfg.max_context:
@@ -387,15 +396,7 @@ def cmd_longctx(args: argparse.Namespace) -> int:
     from mixkvq_jax.eval.report import write_csv
 
     tasks = lc.check_tasks(_csv_list(args.tasks, str))
-    lengths = _csv_list(args.lengths, int)
-    depths = _csv_list(args.depths, float)
-    if not lengths or min(lengths) < 1:
-        raise UserError(f"--lengths must be positive integers, got {args.lengths}")
-    if not depths or not all(0 <= d <= 1 for d in depths):
-        raise UserError(f"--depths must lie in [0, 1], got {args.depths}")
-    for flag in ("samples", "batch", "chunk"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    lengths, depths = _retrieval_args(args, ("samples", "batch", "chunk"))
     _precheck_presets(args.presets)
     text, where = lc.haystack_text(args.text) if "needle" in tasks else ("", "-")
     cfg, params, tok, ckpt = _load_model(args.ckpt)
