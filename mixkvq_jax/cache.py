@@ -37,7 +37,7 @@ compiles once per (batch, max_len).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -588,70 +588,59 @@ def update_layer(
         new_window_keys = jax.vmap(window_at)(key_all, n_flush * r)
         new_window_values = jax.vmap(window_at)(value_all, n_flush * r)
 
-    def blocks_of(buf: jax.Array) -> jax.Array:  # [B, H, F, R, D]
-        blocks = buf[:, :, : n_flush_max * r].reshape(b, h, n_flush_max, r, d)
+    def blocks_of(buf: jax.Array, lengths: jax.Array) -> jax.Array:  # [B', H, F, R, D]
+        blocks = buf[:, :, : n_flush_max * r].reshape(buf.shape[0], h, n_flush_max, r, d)
         if not config.sink_tokens:
             return blocks
         # Sink rows of a sequence's first block repeat its token S: they then take no
         # part in the block's ranges (scales, zero points, salience); attention masks
         # them and reads the sinks' exact copies instead.
         s = config.sink_tokens
-        first = (lengths // r)[:, None] + jnp.arange(n_flush_max)[None, :] == 0  # [B, F]
+        first = (lengths // r)[:, None] + jnp.arange(n_flush_max)[None, :] == 0  # [B', F]
         sink_row = first[:, None, :, None, None] & (jnp.arange(r) < s)[:, None]
         return jnp.where(sink_row, blocks[:, :, :, s : s + 1], blocks)
 
     # Chunk index of the token completing block j (clamped for incomplete blocks).
     j = jnp.arange(n_flush_max)[None, :]
 
-    def quantize_new() -> dict[str, Any]:
-        last = jnp.clip((j + 1) * r - window_len[:, None] - 1, 0, c - 1)  # [B, F]
-        sums = layer.query_abs_sum[:, None] + jnp.take_along_axis(
-            abs_q_cumsum, last[:, :, None, None], axis=1
-        )  # [B, F, H, D]
-        n_queries = (layer.query_count[:, None] + last + 1).astype(jnp.float32)
-        mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B, H, F, D]
-        per_block = {name: x[:, :, None] for name, x in fixed.items()}  # [B, H, 1, P]
-        parts = quantize_blocks(blocks_of(key_buf()), blocks_of(value_buf()), mean_q, config,
+    def quantize_new(rows: Callable[[jax.Array], jax.Array] = lambda x: x) -> dict[str, Any]:
+        """The chunk's blocks of the sequences ``rows`` picks (of every [B, ...] input),
+        packed: [B', H, F * rows, LANES] per field."""
+        last = jnp.clip((j + 1) * r - rows(window_len)[:, None] - 1, 0, c - 1)  # [B', F]
+        sums = rows(layer.query_abs_sum)[:, None] + jnp.take_along_axis(
+            rows(abs_q_cumsum), last[:, :, None, None], axis=1
+        )  # [B', F, H, D]
+        n_queries = (rows(layer.query_count)[:, None] + last + 1).astype(jnp.float32)
+        mean_q = jnp.swapaxes(sums / n_queries[:, :, None, None], 1, 2)  # [B', H, F, D]
+        per_block = {name: rows(x)[:, :, None] for name, x in fixed.items()}  # [B', H, 1, P]
+        seq_lengths = rows(lengths)
+        parts = quantize_blocks(blocks_of(rows(key_buf()), seq_lengths),
+                                blocks_of(rows(value_buf()), seq_lengths), mean_q, config,
                                 per_block)
-        return layout.pack(parts, config)  # [B, H, F * rows, LANES] per field
+        return layout.pack(parts, config)
 
-    # Under shard_map, the cond's branches must agree on which mesh axes their outputs
-    # vary over: adding a zero taken from the data gives every output the data's.
-    zero = jnp.zeros_like(keys.reshape(-1)[0]).astype(full)
-
-    def like_data(tree: Any) -> Any:
-        return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
-
-    def no_blocks() -> dict[str, Any]:
-        shapes = jax.eval_shape(quantize_new)
-        return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-
-    # Only the new blocks go through the cond (its operands and results are copied);
-    # the cache's block arrays are updated in place by the writes below, every step.
-    new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()), no_blocks)
     fields = layout.block_fields(config)
-    # Block j of sequence s goes to slot lengths // r + j if j < n_flush[s]; otherwise the
-    # slot's old block is written back (a no-op). One dynamic_update_slice per (s, j),
-    # in a loop: XLA applies those in place, also into a stack of layers, and for every
-    # dtype (a scatter of 16-bit floats is rewritten on CPU to convert the whole target
-    # to float32 and back: the whole stack, every layer).
     nb = (stacked.value_codes.shape[-2] // fields["value_codes"].rows if block_table is None
           else block_table.shape[1])
     base = [] if index is None else [index]
     targets = {name: x for name, x in _block_arrays(stacked).items() if fields[name].rows}
 
-    def write_one(n: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
-        s_, j_ = n // n_flush_max, n % n_flush_max
+    def put_block(arrays: dict[str, Any], new: dict[str, Any], row: jax.Array,
+                  s_: jax.Array, j_: jax.Array, keep: jax.Array) -> dict[str, Any]:
+        """Write block ``j_`` of ``new``'s row ``row`` as block ``lengths // r + j_`` of
+        sequence ``s_`` (``keep``: write the old block back, a no-op), one
+        dynamic_update_slice per field: XLA applies those in place, also into a stack
+        of layers, and for every dtype (a scatter of 16-bit floats is rewritten on CPU
+        to convert the whole target to float32 and back: the whole stack, every layer)."""
         slot = jnp.minimum(lengths[s_] // r + j_, nb - 1)
-        keep = j_ >= n_flush[s_]
 
         def put(name: str, old: jax.Array) -> jax.Array:
             rows = fields[name].rows  # the block's rows in the field
-            upd = jax.lax.dynamic_index_in_dim(new[name], s_, 0, keepdims=False)
+            upd = jax.lax.dynamic_index_in_dim(new[name], row, 0, keepdims=False)
             block = jax.lax.dynamic_slice_in_dim(upd, j_ * rows, rows, axis=1)  # [H, rows, L]
             block = _as_stored(block, old.dtype)
-            seq, row = layout.block_address(s_, slot, rows, block_table)
-            start = (*base, seq, 0, row, 0)
+            seq, at = layout.block_address(s_, slot, rows, block_table)
+            start = (*base, seq, 0, at, 0)
             size = (*([1] * len(base)), 1, *block.shape)
             current = jax.lax.dynamic_slice(old, start, size)
             block = _select_bits(keep, current, block.reshape(size))
@@ -659,7 +648,43 @@ def update_layer(
 
         return {name: put(name, old) for name, old in arrays.items()}
 
-    blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
+    if c == 1:
+        # Decode: a sequence fills its window once every R steps, so quantize only the
+        # sequences that do, one at a time (with many sequences, quantizing every
+        # window whenever one fills cost more than the rest of the cache update).
+        order = jnp.argsort(n_flush == 0, stable=True).astype(jnp.int32)  # filled first
+
+        def flush_one(i: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
+            s_ = order[i]
+            new = quantize_new(lambda x: jax.lax.dynamic_slice_in_dim(x, s_, 1, axis=0))
+            zero = jnp.zeros((), jnp.int32)
+            return put_block(arrays, new, zero, s_, zero, jnp.zeros((), bool))
+
+        blocks = jax.lax.fori_loop(0, jnp.sum(n_flush), flush_one, targets)
+    else:
+        # Under shard_map, the cond's branches must agree on which mesh axes their
+        # outputs vary over: adding a zero taken from the data gives every output the
+        # data's.
+        zero = jnp.zeros_like(keys.reshape(-1)[0]).astype(full)
+
+        def like_data(tree: Any) -> Any:
+            return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+        def no_blocks() -> dict[str, Any]:
+            shapes = jax.eval_shape(quantize_new)
+            return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+        # Only the new blocks go through the cond (its operands and results are copied);
+        # the cache's block arrays are updated in place by the writes below.
+        new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()),
+                           no_blocks)
+
+        def write_one(n: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
+            s_, j_ = n // n_flush_max, n % n_flush_max
+            return put_block(arrays, new, s_, s_, j_, j_ >= n_flush[s_])
+
+        # Block j of sequence s goes to slot lengths // r + j if j < n_flush[s].
+        blocks = jax.lax.fori_loop(0, b * n_flush_max, write_one, targets)
     small = {**fixed, "query_abs_sum": abs_sum, "query_count": q_count}
     if not windows:
         small.update(residual_keys=new_window_keys, residual_values=new_window_values)
