@@ -46,6 +46,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # multiply-reduce does not vectorize across channels). One step per block is slower
 # again (loop overhead): 4 blocks per step is the measured optimum, 2-8 within 40%.
 BLOCKS_PER_STEP = 4
+PAGED_ROWS_PER_STEP = 8
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -131,6 +132,50 @@ def _dense_update(carry: Carry, qm: jax.Array, keys: jax.Array, values: jax.Arra
     )
 
 
+def _paged_blocks(carry: Carry, block_table: jax.Array, n_blocks: jax.Array, step: int,
+                  rows_per_step: int, blocks: dict[str, jax.Array], index: jax.Array,
+                  qm: jax.Array, layer: LayerKVCache, key_mean_scores: jax.Array | None,
+                  fold) -> Carry:
+    """Fold every used block of a paged cache into ``carry`` (rows [B, H, M, ...]).
+
+    Round g folds blocks ``[g * step, (g + 1) * step)`` of each sequence, as the
+    contiguous loop's step g does, but only for the sequences that have them:
+    sequences sorted longest first, ``rows_per_step`` of them per inner step. A serving
+    batch mixes lengths, so the work follows the blocks in use instead of every
+    sequence padded to the longest. Each row's arithmetic is the contiguous loop's
+    (same steps, same order), so the result does not depend on the other rows.
+    """
+    b, mb = block_table.shape
+    k = max(1, min(rows_per_step, b))
+    order = jnp.argsort(-n_blocks, stable=True).astype(jnp.int32)
+    fixed = kv_cache.fixed_arrays(layer)
+    # Work units (round g, group j of k rows), round by round: one flat loop.
+    rounds = -(-mb // step)
+    groups = (jnp.sum(n_blocks[None, :] > step * jnp.arange(rounds)[:, None], axis=1)
+              + k - 1) // k  # [rounds]
+    ends = jnp.cumsum(groups)
+
+    def body(u: jax.Array, carry: Carry) -> Carry:
+        g = jnp.searchsorted(ends, u, side="right")
+        j = u - (ends[g] - groups[g])
+        start = jnp.minimum(g * step, mb - step)  # may overlap round g - 1: masked below
+        slot = start + jnp.arange(step)
+        lo = jnp.minimum(j * k, b - k)  # the last group may overlap the previous one
+        rows = jax.lax.dynamic_slice_in_dim(order, lo, k)
+        valid_blocks = ((lo + jnp.arange(k) >= j * k)[:, None]
+                        & (slot[None, :] >= g * step)
+                        & (slot[None, :] < n_blocks[rows][:, None]))
+        pages = jax.lax.dynamic_slice_in_dim(block_table[rows], start, step, axis=1)
+        sl = {name: layout.gather_pages(x, pages, index) for name, x in blocks.items()}
+        part = fold(jax.tree.map(lambda x: x[rows], carry), qm[rows], sl,
+                    jnp.broadcast_to(start, (k,)), valid_blocks,
+                    layer.replace(**{name: x[rows] for name, x in fixed.items()}),
+                    None if key_mean_scores is None else key_mean_scores[rows])
+        return jax.tree.map(lambda c, p: c.at[rows].set(p), carry, part)
+
+    return jax.lax.fori_loop(0, ends[-1], body, carry)
+
+
 def history_attention_xla(
     q: jax.Array,
     layer: LayerKVCache,
@@ -183,20 +228,17 @@ def history_attention_xla(
     within = jnp.arange(r)  # natural position of each tile row within its block
     if token_bits is not None:
         within = quant.word_major_order(within, token_bits)
-    if config.smooths_keys:
-        key_mean_scores = _dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))
+    key_mean_scores = (_dot("bhmd,bhd->bhm", qm, _f32(layer.key_mean))
+                       if config.smooths_keys else None)
 
-    def body(i: jax.Array, carry: Carry) -> Carry:
-        # The last step may overlap the previous one; blocks already seen are masked.
-        start = jnp.minimum(i * step, n_slots - step)
-        if block_table is None:
-            sl = {name: jax.lax.dynamic_slice(
-                x, (index, 0, 0, start * fields[name].rows, 0),
-                (1, *x.shape[1:3], step * fields[name].rows, x.shape[4]))[0]
-                for name, x in blocks.items()}
-        else:
-            pages = jax.lax.dynamic_slice_in_dim(block_table, start, step, axis=1)
-            sl = {name: layout.gather_pages(x, pages, index) for name, x in blocks.items()}
+    def fold(carry: Carry, qm: jax.Array, sl: dict[str, Any], first_block: jax.Array,
+             valid_blocks: jax.Array, tile_layer: LayerKVCache,
+             key_mean_scores: jax.Array | None) -> Carry:
+        """Fold a tile in: ``sl`` the stored fields of S blocks per row of qm
+        [B', H, M, D] ([B', H, S * rows, 128]), block k of row b being block
+        ``first_block + k`` of its sequence; ``valid_blocks`` [B', S] the ones that
+        count; ``tile_layer`` holds each row's fixed statistics ([B', H, P])."""
+        s = valid_blocks.shape[1]
         # Without the barrier XLA turns convert(slice(stack)) into slice(convert(stack))
         # and hoists the convert of the whole (bf16 scales) stack out of the loop.
         sl = kv_cache.from_bits(jax.lax.optimization_barrier(sl), config)
@@ -205,17 +247,15 @@ def history_attention_xla(
             # materializes a 16-bit part sliced from a shared record (the convert moves
             # ahead of the slice) instead of fusing it into its tier's dequantization.
             sl = {**sl, **{name: _f32(sl[name]) for name in ("key_scales", "key_zeros")}}
-        sl = layout.unpack(sl, config)  # the parts, [B, H, step, ...]
+        sl = layout.unpack(sl, config)  # the parts, [B', H, S, ...]
         if token_bits is not None:  # value rows in the keys' token order
             sl = {**sl, **{name: quant.word_major_order(sl[name], token_bits, axis=3)
                            for name in ("value_codes", "value_scales", "value_zeros")}}
-        slot = start + jnp.arange(step)
-        valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
-        valid = valid_blocks[:, :, None]  # [B, S, 1]
+        valid = valid_blocks[:, :, None]  # [B', S, 1]
         if config.sink_tokens:  # sink rows of the first block: read from the sink buffer
-            valid = valid & (start * r + jnp.arange(step)[:, None] * r + within
-                             >= config.sink_tokens)
-        keys, values = dequantize_tile(sl, layer, config,
+            position = (first_block[..., None, None] + jnp.arange(s)[:, None]) * r + within
+            valid = valid & (position >= config.sink_tokens)
+        keys, values = dequantize_tile(sl, tile_layer, config,
                                        keys_word_major=token_bits is not None,
                                        values_word_major=values_word_major)
         scores = block_scores(qm, keys, sl, config, token_bits=token_bits)
@@ -227,17 +267,35 @@ def history_attention_xla(
             to_rows = lambda p: p.transpose(0, 1, 3, 2, 4)
         else:  # [B, H, M, S, R]
             token_axes, valid, to_rows = (3, 4), valid[:, None, None], lambda p: p
+        rows_, m_ = qm.shape[0], qm.shape[2]
         # One contracting axis over the tile's tokens (with two, s and r, XLA:CPU
         # transposes the value tile before the dot).
-        values_fn = lambda p: _dot("bhmt,bhtd->bhmd", to_rows(p).reshape(b, kv_heads, m, -1),
-                                   values.reshape(b, kv_heads, step * r, d))
-        if config.smooths_keys:  # the blocks hold k - mean: add q . mean back (exact)
+        values_fn = lambda p: _dot("bhmt,bhtd->bhmd",
+                                   to_rows(p).reshape(rows_, kv_heads, m_, -1),
+                                   values.reshape(rows_, kv_heads, s * r, d))
+        if key_mean_scores is not None:  # the blocks hold k - mean: add q . mean back
             scores = scores + jnp.expand_dims(key_mean_scores, token_axes)
         return online_update(carry, scores, valid, values_fn, token_axes)
 
     carry = empty_carry(qm)
-    n_steps = (jnp.max(n_blocks) + step - 1) // step
-    carry = jax.lax.fori_loop(0, n_steps, body, carry)
+    if block_table is None:
+        def body(i: jax.Array, carry: Carry) -> Carry:
+            # The last step may overlap the previous one; blocks already seen are masked.
+            start = jnp.minimum(i * step, n_slots - step)
+            sl = {name: jax.lax.dynamic_slice(
+                x, (index, 0, 0, start * fields[name].rows, 0),
+                (1, *x.shape[1:3], step * fields[name].rows, x.shape[4]))[0]
+                for name, x in blocks.items()}
+            slot = start + jnp.arange(step)
+            valid_blocks = (slot[None, :] >= i * step) & (slot[None, :] < n_blocks[:, None])
+            return fold(carry, qm, sl, jnp.broadcast_to(start, (b,)), valid_blocks, layer,
+                        key_mean_scores)
+
+        n_steps = (jnp.max(n_blocks) + step - 1) // step
+        carry = jax.lax.fori_loop(0, n_steps, body, carry)
+    else:
+        carry = _paged_blocks(carry, block_table, n_blocks, step, PAGED_ROWS_PER_STEP, blocks,
+                              index, qm, layer, key_mean_scores, fold)
     if values_word_major:
         carry = carry._replace(acc=quant.natural_order(carry.acc, config.value_bits))
     if config.sink_tokens:  # exact sinks, once they have left the window for a block
