@@ -648,31 +648,37 @@ def update_layer(
 
         return {name: put(name, old) for name, old in arrays.items()}
 
+    # Under shard_map, a loop's carry and a cond's branches must agree on which mesh
+    # axes they vary over: adding a zero taken from the data gives them the data's.
+    data_zero = jnp.zeros_like(keys.reshape(-1)[0]).astype(full)
+
+    def like_data(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x + data_zero.astype(x.dtype), tree)
+
     if c == 1:
         # Decode: a sequence fills its window once every R steps, so quantize only the
         # sequences that do, one at a time (with many sequences, quantizing every
         # window whenever one fills cost more than the rest of the cache update).
         order = jnp.argsort(n_flush == 0, stable=True).astype(jnp.int32)  # filled first
+        count = jnp.sum(n_flush)
+        one = lambda i: lambda x: jax.lax.dynamic_slice_in_dim(x, order[i], 1, axis=0)
 
-        def flush_one(i: jax.Array, arrays: dict[str, Any]) -> dict[str, Any]:
-            s_ = order[i]
-            new = quantize_new(lambda x: jax.lax.dynamic_slice_in_dim(x, s_, 1, axis=0))
-            zero = jnp.zeros((), jnp.int32)
-            return put_block(arrays, new, zero, s_, zero, jnp.zeros((), bool))
+        def quantize_one(i: jax.Array, new: dict[str, Any]) -> dict[str, Any]:
+            return jax.tree.map(lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+                buf, x, i, axis=0), new, quantize_new(one(i)))
 
-        blocks = jax.lax.fori_loop(0, jnp.sum(n_flush), flush_one, targets)
+        # Row i of `new`: the block of the i-th sequence that fills its window. A loop
+        # apart from the writes: with the quantizer in the loop that writes the stack,
+        # XLA:TPU relaid the whole stack out around it, every layer.
+        new = jax.lax.fori_loop(0, count, quantize_one, like_data(jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(quantize_new))))
+        zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        blocks = jax.lax.fori_loop(
+            0, count, lambda i, arrays: put_block(arrays, new, i, order[i], zero, no), targets)
     else:
-        # Under shard_map, the cond's branches must agree on which mesh axes their
-        # outputs vary over: adding a zero taken from the data gives every output the
-        # data's.
-        zero = jnp.zeros_like(keys.reshape(-1)[0]).astype(full)
-
-        def like_data(tree: Any) -> Any:
-            return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
-
         def no_blocks() -> dict[str, Any]:
-            shapes = jax.eval_shape(quantize_new)
-            return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+            return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                          jax.eval_shape(quantize_new)))
 
         # Only the new blocks go through the cond (its operands and results are copied);
         # the cache's block arrays are updated in place by the writes below.
