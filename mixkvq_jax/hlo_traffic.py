@@ -174,9 +174,11 @@ def _gte_index(comp: Computation, name: str) -> int | None:
 
 class _Walker:
     def __init__(self, module: Module, default_trip_count: int,
-                 suspicious_min_bytes: int | None) -> None:
+                 suspicious_min_bytes: int | None, bounded_trip_count: int | None = None
+                 ) -> None:
         self.module = module
         self.default_trip_count = default_trip_count
+        self.bounded_trip_count = bounded_trip_count
         self.min_bytes = suspicious_min_bytes
         self.rows: list[TrafficRow] = []
         self.suspicious: list[SuspiciousOp] = []
@@ -447,6 +449,8 @@ class _Walker:
                 n = self.slice_bound(inst)
                 if n is not None:
                     self.bounded.append(f"{comp.name}/{inst.name}")
+                    if self.bounded_trip_count is not None:
+                        n = min(n, self.bounded_trip_count)
             if n is None:
                 n = self.default_trip_count
                 self.unknown.append(f"{comp.name}/{inst.name}")
@@ -498,7 +502,8 @@ def _find_key(tree: object, key: str) -> object:
 
 
 def estimate_traffic(hlo: str | Module, *, default_trip_count: int = 1,
-                     suspicious_min_bytes: int | None = None) -> TrafficReport:
+                     suspicious_min_bytes: int | None = None,
+                     bounded_trip_count: int | None = None) -> TrafficReport:
     """HBM bytes one execution of the program moves (see the module docstring).
 
     Args:
@@ -507,9 +512,13 @@ def estimate_traffic(hlo: str | Module, *, default_trip_count: int = 1,
         are listed in ``unknown_trip_loops``).
       suspicious_min_bytes: list copies / transposes / slices whose result has at least
         this many bytes (None: list none).
+      bounded_trip_count: take a loop whose count is data-dependent at this many trips
+        (at most its bound) instead of its bound: a step's typical case where the bound
+        is a rare worst case (e.g. the serving engine's decode step, whose window-flush
+        loops run once per sequence whose window fills: usually none or one).
     """
     module = parse_module(hlo) if isinstance(hlo, str) else hlo
-    walker = _Walker(module, default_trip_count, suspicious_min_bytes)
+    walker = _Walker(module, default_trip_count, suspicious_min_bytes, bounded_trip_count)
     total = walker.walk(module.entry, 1)
     return TrafficReport(total, walker.rows, walker.suspicious, walker.unknown,
                          walker.with_cost, walker.without_cost, walker.loops, walker.bounded,

@@ -111,6 +111,11 @@ def test_data_dependent_loop_is_bounded_by_its_slices() -> None:
     assert report.unknown_trip_loops == []
     (row,) = [r for r in report.rows if r.name == "wi"]
     assert row.multiplier == 4 and row.bytes == 2 * 64 * 128 * 4 + 3 * 512  # + 3 indices
+    # the typical case instead of the bound (e.g. one window flush per serving step)
+    once = estimate_traffic(text, bounded_trip_count=1)
+    assert once.loops == {"loop": 1} and once.bounded_loops == ["main/loop"]
+    (row,) = [r for r in once.rows if r.name == "wi"]
+    assert row.multiplier == 1 and once.total_bytes < report.total_bytes
 
 
 STACK = "f32[4,64,128]{2,1,0:T(8,128)}"

@@ -57,8 +57,10 @@ def compile_decode(model_config: ModelConfig, kv_config: Any, device: Any, *, sl
     needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
               + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     cache_bytes = tree_bytes(cache)
+    # The step's data-bounded loops are the window flushes (one trip per sequence whose
+    # window fills): counted at one, the serving step's usual case (0-1 per step).
     traffic = estimate_traffic(compiled.as_text(), suspicious_min_bytes=max(
-        1, cache_bytes // model_config.num_layers // 4))
+        1, cache_bytes // model_config.num_layers // 4), bounded_trip_count=1)
     chip = chip_of(device)
     ms = 1e3 * traffic.total_bytes / chip.hbm_bandwidth
     return {"preset": kv_config.name, "chip": chip.name, "slots": slots, "pages": pages,
