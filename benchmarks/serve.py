@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mb", type=float, default=48.0, help="KV budget (MiB) per preset")
     p.add_argument("--residual-length", type=int, default=64,
                    help="R: tokens per block / page and in the residual window")
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=int, default=40)
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals, requests/s")
     p.add_argument("--prompt-len", type=_pair, default=(64, 192))
-    p.add_argument("--output-len", type=_pair, default=(160, 320))
+    p.add_argument("--output-len", type=_pair, default=(128, 256))
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--max-slots", type=int, default=64)
@@ -120,7 +120,9 @@ def tpu_report(args: argparse.Namespace, presets: list[str]) -> int:
     info = (f"decode step of the serving engine compiled for {args.tpu_aot} ({base['chip']}), "
             f"{args.tpu_model} shapes, bf16 weights, KV budget {args.tpu_budget_gb:g} GiB, "
             f"max_len {args.tpu_max_len}, slots planned for {args.tpu_typical_len}-token "
-            "sequences; traffic from the optimized HLO with every page in use")
+            "sequences; traffic from the optimized HLO with every page in use and one "
+            "sequence's window filling (a step quantizes the windows that fill: usually "
+            "none or one)")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"serve_tpu_{base['chip']}"
     with open(f"{stem}.csv", "w", newline="") as f:

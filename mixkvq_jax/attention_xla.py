@@ -46,6 +46,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # multiply-reduce does not vectorize across channels). One step per block is slower
 # again (loop overhead): 4 blocks per step is the measured optimum, 2-8 within 40%.
 BLOCKS_PER_STEP = 4
+# A paged cache (a serving batch of mixed lengths) is walked per step for the sequences
+# that have blocks there, this many per loop iteration (`_paged_blocks`): fewer rows
+# waste less on short sequences, more amortize the loop's gathers (README: serving).
 PAGED_ROWS_PER_STEP = 8
 
 
