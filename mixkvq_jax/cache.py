@@ -655,6 +655,10 @@ def update_layer(
     def like_data(tree: Any) -> Any:
         return jax.tree.map(lambda x: x + data_zero.astype(x.dtype), tree)
 
+    def no_blocks() -> dict[str, Any]:  # `quantize_new()`'s arrays, zero
+        return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                      jax.eval_shape(quantize_new)))
+
     if c == 1:
         # Decode: a sequence fills its window once every R steps, so quantize only the
         # sequences that do, one at a time (with many sequences, quantizing every
@@ -670,16 +674,11 @@ def update_layer(
         # Row i of `new`: the block of the i-th sequence that fills its window. A loop
         # apart from the writes: with the quantizer in the loop that writes the stack,
         # XLA:TPU relaid the whole stack out around it, every layer.
-        new = jax.lax.fori_loop(0, count, quantize_one, like_data(jax.tree.map(
-            lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(quantize_new))))
+        new = jax.lax.fori_loop(0, count, quantize_one, no_blocks())
         zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
         blocks = jax.lax.fori_loop(
             0, count, lambda i, arrays: put_block(arrays, new, i, order[i], zero, no), targets)
     else:
-        def no_blocks() -> dict[str, Any]:
-            return like_data(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                          jax.eval_shape(quantize_new)))
-
         # Only the new blocks go through the cond (its operands and results are copied);
         # the cache's block arrays are updated in place by the writes below.
         new = jax.lax.cond(jnp.any(n_flush > 0), lambda: like_data(quantize_new()),
