@@ -34,6 +34,7 @@ from mixkvq_jax.partials import (  # noqa: F401  (Partial, merge_partials re-exp
     merge_partials,
     online_update,
 )
+from mixkvq_jax.rotation import unrotate_values
 from mixkvq_jax.target import canonical_platform
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -107,7 +108,8 @@ def cached_attention(
         fields are a pool of pages and block j of sequence b is page ``block_table[b, j]``.
 
     Returns:
-      `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]).
+      `Partial` (output [B, C, Hq, D] float32 and log-sum-exp [B, C, Hq]); the output is
+      in the model's basis whatever basis the cache stores values in.
     """
     if q.ndim != 4 or q.shape[-1] != config.head_dim:
         raise ValueError(
@@ -129,15 +131,21 @@ def cached_attention(
             reason = kernels.unsupported_reason(q, layer, config, backend, layer_index=index,
                                                 block_table=block_table)
             if reason is None:
-                return kernels.cached_attention_pallas(
+                return _in_model_basis(kernels.cached_attention_pallas(
                     q, layer, lengths, config, scale=scale, backend=backend,
                     interpret=impl == "pallas_interpret", layer_index=index,
-                    block_table=block_table)
+                    block_table=block_table), config)
             _warn_once(f"Pallas decode attention does not support this call ({reason}); "
                        "using the XLA attention path")
-    return history_attention_xla(q, layer, lengths, config, scale=scale,
-                                 blocks_per_step=BLOCKS_PER_STEP, index=index,
-                                 platform=platform, block_table=block_table)
+    return _in_model_basis(history_attention_xla(
+        q, layer, lengths, config, scale=scale, blocks_per_step=BLOCKS_PER_STEP, index=index,
+        platform=platform, block_table=block_table), config)
+
+
+def _in_model_basis(partial: Partial, config: KVQuantConfig) -> Partial:
+    """A backend's output over values stored rotated, rotated back (attention is linear
+    in the values, so this is the attention over the model's values)."""
+    return partial._replace(out=unrotate_values(partial.out, config))
 
 
 def attend_and_update(

@@ -15,7 +15,10 @@ into tiers: ``key_full`` [channels, tokens] in ``full_dtype`` and, for each quan
 tier (``config.key_tiers``, widest first), codes packed along tokens (planar layout,
 `quant.pack`) with per-channel scales/zeros over groups of ``key_group_size`` tokens.
 Values are quantized per token over groups of ``value_group_size`` channels, packed
-along channels, or stored in ``full_dtype`` when ``value_bits == 16``.
+along channels, or stored in ``full_dtype`` when ``value_bits == 16``. With
+``value_rotation: hadamard`` every stored value (blocks, window, sinks) is in the
+Hadamard-rotated basis (`mixkvq_jax.rotation`); `update_layer` rotates on the way in,
+`dequantize_layer` and the attention dispatch rotate back.
 
 That is the default ``per_block`` granularity. The KV Pareto granularities keep the same
 packed codes and change only the scales/zeros: ``per_token`` stores one pair per token,
@@ -47,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from mixkvq_jax import layout, quant
 from mixkvq_jax.config import QUANT_BITS, KVQuantConfig
+from mixkvq_jax.rotation import rotate_values, unrotate_values
 from mixkvq_jax.salience import abs_query_per_kv_head, channel_permutation
 from mixkvq_jax.target import canonical_platform
 
@@ -459,7 +463,8 @@ def dequantize_blocks(layer: LayerKVCache, config: KVQuantConfig) -> tuple[jax.A
 def dequantize_layer(
     layer: LayerKVCache, lengths: jax.Array, config: KVQuantConfig
 ) -> tuple[jax.Array, jax.Array]:
-    """A layer's tokens in order, float32: keys and values [B, H, NB * R + R, D].
+    """A layer's tokens in order, float32: keys and values [B, H, NB * R + R, D] (values
+    in the model's basis, rotated back when the config rotates them).
 
     Token t of sequence b is at index t for t < lengths[b]; later indices are padding.
     """
@@ -479,7 +484,7 @@ def dequantize_layer(
         keys = keys.at[:, :, :s].set(jnp.where(in_blocks, _f32(layer.sink_keys), keys[:, :, :s]))
         values = values.at[:, :, :s].set(
             jnp.where(in_blocks, _f32(layer.sink_values), values[:, :, :s]))
-    return keys, values
+    return keys, unrotate_values(values, config)
 
 
 def dequantize(cache: QuantizedKVCache) -> tuple[jax.Array, jax.Array]:
@@ -514,7 +519,8 @@ def update_layer(
     Args:
       layer: the layer's cache.
       lengths: [B] int32 tokens stored before this chunk.
-      keys, values: [B, C, H, D] the chunk (post-RoPE keys), right-padded.
+      keys, values: [B, C, H, D] the chunk (post-RoPE keys), right-padded; values in
+        the model's basis (stored rotated when ``config.rotates_values``).
       queries: [B, C, Hq, D] post-RoPE queries of the chunk (for the MixKVQ statistic).
       counts: [B] int32 valid tokens of the chunk per sequence (0..C).
       config: the cache's config.
@@ -533,6 +539,7 @@ def update_layer(
     """
     stacked = layer
     layer = from_bits(layer_at(stacked, index), config)  # only per-sequence fields are read
+    values = rotate_values(values, config)  # every stored copy is in the cache's basis
     b, c, h, d = keys.shape
     r = config.residual_length
     full = _dtype(config.full_dtype)

@@ -34,6 +34,7 @@ SCALE_DTYPES = ("bfloat16", "float16", "float32")
 # Scale/zero granularity of a quantized key or value tier (KV Pareto); see KVQuantConfig.
 GRANULARITIES = ("per_block", "per_token", "per_channel", "per_tensor")
 FIXED_GRANULARITIES = ("per_channel", "per_tensor")  # statistics fixed at the first chunk
+VALUE_ROTATIONS = ("none", "hadamard")  # basis values are stored in (`mixkvq_jax.rotation`)
 # configs/ is installed as the package mixkvq_jax.configs (pyproject package-dir mapping).
 PRESET_DIR = Path(str(importlib.resources.files("mixkvq_jax.configs"))) / "kv"
 MAX_PRESET_FILE_BYTES = 1 << 20  # a preset is a few hundred bytes; refuse to parse a blob
@@ -42,7 +43,7 @@ _INT_FIELDS = ("head_dim", "key_channels_full", "key_channels_int8", "key_channe
                "key_channels_int2", "key_group_size", "value_bits", "value_group_size",
                "residual_length", "salience_base_bits", "sink_tokens")
 _STR_FIELDS = ("name", "salience", "full_dtype", "scale_dtype", "key_granularity",
-               "value_granularity")
+               "value_granularity", "value_rotation")
 
 
 class KVConfigError(ValueError):
@@ -102,6 +103,11 @@ class KVQuantConfig:
         quantized block are left out of its scales, zero points and MixKVQ salience.
         Must be below ``residual_length``. With ``per_channel`` / ``per_tensor``
         granularity or K-smoothing the first-chunk statistics still include them.
+      value_rotation: ``none``, or ``hadamard``: values are stored (quantized, in the
+        residual window and as sinks) multiplied by the orthonormal Hadamard matrix of
+        order ``head_dim`` (a power of two), and attention outputs are rotated back
+        (`mixkvq_jax.rotation`). Same bytes and layout; lower 2-bit value error. No
+        effect when values are not quantized.
 
     Non-default granularities and smoothing need a single key tier (no salience
     permutation; e.g. k8v8..k2v2, kivi2/4, int8); mixed-precision (MixKVQ) presets
@@ -126,6 +132,7 @@ class KVQuantConfig:
     value_granularity: str = "per_block"
     key_smoothing: bool = False
     sink_tokens: int = 0
+    value_rotation: str = "none"
 
     def __post_init__(self) -> None:
         for field in _INT_FIELDS:
@@ -193,6 +200,16 @@ class KVQuantConfig:
                 f"{self.name}: sink_tokens={self.sink_tokens!r}; use an int from 0 to "
                 f"residual_length - 1 = {self.residual_length - 1}"
             )
+        if self.value_rotation not in VALUE_ROTATIONS:
+            raise KVConfigError(
+                f"{self.name}: value rotation {self.value_rotation!r} is unknown; use one of "
+                f"{', '.join(VALUE_ROTATIONS)}"
+            )
+        if self.value_rotation == "hadamard" and self.head_dim & (self.head_dim - 1):
+            raise KVConfigError(
+                f"{self.name}: a Hadamard value rotation needs a power-of-two head_dim, got "
+                f"{self.head_dim}; use value rotation none for this model"
+            )
         n_key_tiers = len(self.key_tiers) + (self.key_channels_full > 0)
         non_default = (self.key_granularity != "per_block"
                        or self.value_granularity != "per_block" or self.key_smoothing)
@@ -228,6 +245,11 @@ class KVQuantConfig:
     @property
     def quantizes_values(self) -> bool:
         return self.value_bits != 16
+
+    @property
+    def rotates_values(self) -> bool:
+        """Values are quantized and stored Hadamard-rotated (`mixkvq_jax.rotation`)."""
+        return self.value_rotation == "hadamard" and self.quantizes_values
 
     @property
     def is_full_precision(self) -> bool:
@@ -389,6 +411,8 @@ class KVQuantConfig:
         full, i8, i4, i2 = self.key_channel_counts
         keys = f"keys full/int8/int4/int2 = {full}/{i8}/{i4}/{i2} ({self.average_key_bits:.2f} b)"
         vals = f"values {self.value_bits} b" if self.quantizes_values else "values full"
+        if self.rotates_values:
+            vals += " (Hadamard-rotated)"
         extra = ""
         if self.uses_kv_pareto_options:
             extra = (f", granularity k/v = {self.effective_key_granularity}/"
@@ -408,7 +432,7 @@ _PRESET_KEYS = {"name", "description", "key", "value", "residual_length", "salie
                 "salience_base_bits", "full_dtype", "scale_dtype", "key_granularity",
                 "value_granularity", "key_smoothing", "sink_tokens"}
 _KEY_KEYS = {"full", "int8", "int4", "int2", "bits", "group_size"}
-_VALUE_KEYS = {"bits", "group_size"}
+_VALUE_KEYS = {"bits", "group_size", "rotation"}
 
 
 def available_presets() -> list[str]:
@@ -479,6 +503,7 @@ def config_from_dict(
         "key_group_size": key.get("group_size", 32),
         "value_bits": value.get("bits", 16),
         "value_group_size": value.get("group_size", 32),
+        "value_rotation": value.get("rotation", "none"),
     }
     for field in ("residual_length", "salience", "salience_base_bits", "full_dtype",
                   "scale_dtype", "key_granularity", "value_granularity", "key_smoothing",

@@ -32,6 +32,16 @@ def test_mixkvq_preset_bits_and_bytes():
     assert cfg.bytes_per_token == pytest.approx(22 + 7.75 + 0.5 + 16 + 8 + 224 / 128)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotated_preset_fills_mixkvq_bytes_with_wider_key_tiers(head_dim):
+    """mixkvq_rot2p9 spends the row padding of the stored layout on INT4 channels: 2.94
+    average key bits in exactly mixkvq's bytes (21.9% of bf16), values rotated."""
+    cfg, base = load_kv_config("mixkvq_rot2p9", head_dim), load_kv_config("mixkvq", head_dim)
+    assert cfg.rotates_values and cfg.sink_tokens == 1
+    assert cfg.average_key_bits == pytest.approx(2.9375)
+    assert cfg.bytes_per_token == base.bytes_per_token and cfg.compression_vs_bf16 <= 0.22
+
+
 def test_sink_tokens_yaml_bytes_and_description(tmp_path):
     assert load_kv_config("mixkvq", 64).sink_tokens == 1
     assert load_kv_config("kivi2", 64).sink_tokens == 0  # the KIVI baseline stays as published

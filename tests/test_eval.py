@@ -7,6 +7,7 @@ quantized mid-sequence; all tests share those shapes (compiled once per preset).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import random
@@ -186,6 +187,10 @@ def test_calibration_reproducible_and_within_budget(demo_model, window, tmp_path
     assert loaded.sink_tokens == first.config.sink_tokens == 1  # from the mixkvq base
     assert load_kv_config(tmp_path / "mixkvq_cal2p7.yaml", 64).name == "mixkvq_cal2p7"
     assert (tmp_path / "log.csv").read_text().startswith("trial,full,int8,int4,int2")
+    # A base with rotated values (`--base` YAML) keeps them in the written preset.
+    rotated = dataclasses.replace(
+        first, config=dataclasses.replace(first.config, value_rotation="hadamard"))
+    assert cal.write_outputs(rotated, tmp_path / "rotated.yaml", None).rotates_values
 
 
 def test_budget_helpers():

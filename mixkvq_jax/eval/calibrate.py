@@ -258,7 +258,8 @@ def preset_yaml(result: CalibrationResult, *, source: str = "") -> str:
         f"unquantized cache on {result.calibration_tokens} calibration tokens"
         f"{' of ' + source if source else ''}): at head_dim {d} keys full/int8/int4/int2 = "
         f"{full}/{int8}/{int4}/{int2} ({cfg.average_key_bits:.4g} average key bits; "
-        f"calibration KL {best['kl']:.5g}). Values {cfg.value_bits}-bit, G={cfg.key_group_size}, "
+        f"calibration KL {best['kl']:.5g}). Values {cfg.value_bits}-bit"
+        f"{' (Hadamard-rotated)' if cfg.rotates_values else ''}, G={cfg.key_group_size}, "
         f"R={cfg.residual_length}"
         + (f", first {cfg.sink_tokens} token(s) kept in {cfg.full_dtype} (attention sinks)."
            if cfg.sink_tokens else ".")
@@ -268,7 +269,8 @@ def preset_yaml(result: CalibrationResult, *, source: str = "") -> str:
         "description: >-",
         *(f"  {chunk}" for chunk in _wrap(desc, 86)),
         f"key: {{{key_text}}}",
-        f"value: {{bits: {cfg.value_bits}, group_size: {cfg.value_group_size}}}",
+        f"value: {{bits: {cfg.value_bits}, group_size: {cfg.value_group_size}"
+        f"{', rotation: ' + cfg.value_rotation if cfg.rotates_values else ''}}}",
         f"residual_length: {cfg.residual_length}",
         f"salience: {cfg.salience}",
         f"salience_base_bits: {cfg.salience_base_bits}",
