@@ -38,7 +38,7 @@ from mixkvq_jax.errors import UserError, run_cli
 from mixkvq_jax.eval import text as text_mod
 
 DEFAULT_PRESETS = ("bf16", "int8", "kivi4", "kivi2", "mixkvq", "mixkvq:salience=range_only")
-LONGCTX_PRESETS = ("int8", "kivi4", "kivi2", "mixkvq")
+LONGCTX_PRESETS = ("int8", "kivi4", "kivi2", "mixkvq", "mixkvq_rot2p9")
 JARGON_OFFSETS = {"report": 200_000, "calibrate": 100_000}
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -160,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=30, help="prompts per (task, length)")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed of keys, numbers, haystacks")
     g.add_argument("--batch", type=int, default=6, help="prompts decoded together")
-    g.add_argument("--chunk", type=int, default=256, help="prefill chunk")
+    g.add_argument("--chunk", type=int, default=256,
+                   help="prefill chunk: later chunks of a prompt attend to the earlier ones "
+                        "through the quantized cache; at least the longest length prefills "
+                        "each prompt in one call, attended in full precision")
     g.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"),
                    help="attention implementation")
     g.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="CSV / table / plot folder")
@@ -422,8 +425,10 @@ def cmd_longctx(args: argparse.Namespace) -> int:
     write_csv([{**r, "completion": r["completion"].replace("\n", "\\n")} for r in rows],
               answers_csv)
     write_csv(summary, summary_csv)
+    prefill = ("whole prompt in one prefill call" if args.chunk >= max(lengths)
+               else f"prefill in chunks of {args.chunk}")
     title = (f"{Path(ckpt).name}: {args.samples} prompts per cell, depths {args.depths}, "
-             f"seed {args.seed}; needle haystack {where}")
+             f"seed {args.seed}; {prefill}; needle haystack {where}")
     table = lc.markdown_table(summary, names)
     bytes_line = "bytes per token vs bf16: " + ", ".join(f"{n} {b}" for n, b in bytes_row.items())
     md = f"# Long-context retrieval\n\n{title}\n\n{table}\n\n{bytes_line}\n"
