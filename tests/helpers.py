@@ -1,5 +1,6 @@
-"""Shared test helpers: small configs and random KV streams."""
+"""Shared test helpers: small configs, random KV streams and plain softmax attention."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,3 +45,13 @@ def append_one_by_one(cache, k, v, q, start: int):
     for t in range(start, k.shape[2]):
         cache = step_jit(cache, k[:, :, t], v[:, :, t], q[:, :, t])
     return cache, len(traces)
+
+
+def softmax_attention(q, keys, values, lengths, scale):
+    """Plain attention: q [B, C, Hq, D] over keys/values [B, H, T, D], first lengths[b]."""
+    group = q.shape[2] // keys.shape[1]
+    keys, values = jnp.repeat(keys, group, axis=1), jnp.repeat(values, group, axis=1)
+    scores = jnp.einsum("bchd,bhtd->bcht", q, keys, precision="highest") * scale
+    mask = jnp.arange(keys.shape[2])[None, :] < jnp.asarray(lengths)[:, None]
+    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+    return jnp.einsum("bcht,bhtd->bchd", jax.nn.softmax(scores, -1), values, precision="highest")

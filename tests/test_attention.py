@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import QUANT_PRESETS, random_stream, small_config
+from helpers import QUANT_PRESETS, random_stream, small_config, softmax_attention
 
 from mixkvq_jax import attention as attn
 from mixkvq_jax import cache as kvc
@@ -15,16 +15,6 @@ LENGTHS = [0, 21, 77]  # empty, window only, blocks + window (R = 32)
 prefill_jit = jax.jit(kvc.prefill)
 history_jit = jax.jit(attn.history_attention_xla, static_argnames=("config", "scale",
                                                                    "blocks_per_step"))
-
-
-def softmax_attention(q, keys, values, lengths, scale):
-    """Plain attention: q [B, C, Hq, D] over keys/values [B, H, T, D], first lengths[b]."""
-    group = q.shape[2] // keys.shape[1]
-    keys, values = jnp.repeat(keys, group, axis=1), jnp.repeat(values, group, axis=1)
-    scores = jnp.einsum("bchd,bhtd->bcht", q, keys, precision="highest") * scale
-    mask = jnp.arange(keys.shape[2])[None, :] < jnp.asarray(lengths)[:, None]
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    return jnp.einsum("bcht,bhtd->bchd", jax.nn.softmax(scores, -1), values, precision="highest")
 
 
 def _filled(cfg, seed=0, lengths=LENGTHS, keys=None):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_stream, small_config
+from helpers import random_stream, small_config, softmax_attention
 
 from mixkvq_jax import attention as attn
 from mixkvq_jax import cache as kvc
@@ -78,16 +78,6 @@ def test_cache_stores_rotated_values_and_dequantizes_them_back(sinks):
             np.testing.assert_allclose(values[b, :, 0], v[b, 0], atol=1e-5)
 
 
-def _softmax_attention(q, keys, values, lengths, scale):
-    group = q.shape[2] // keys.shape[1]
-    keys, values = jnp.repeat(keys, group, axis=1), jnp.repeat(values, group, axis=1)
-    scores = jnp.einsum("bchd,bhtd->bcht", q, keys, precision="highest") * scale
-    mask = jnp.arange(keys.shape[2])[None, :] < jnp.asarray(lengths)[:, None]
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    out = jnp.einsum("bcht,bhtd->bchd", jax.nn.softmax(scores, -1), values, precision="highest")
-    return jnp.nan_to_num(out)
-
-
 @pytest.mark.parametrize("impl,platform", [("xla", None), ("pallas_interpret", "tpu"),
                                            ("pallas_interpret", "gpu")])
 @pytest.mark.parametrize("name", ["kivi2", "mixkvq"])
@@ -100,7 +90,7 @@ def test_every_backend_attends_in_the_model_basis(name, impl, platform):
     q = jnp.asarray(np.random.default_rng(3).normal(size=(B, 1, HQ, D)), jnp.float32)
     got = attn.cached_attention(q, layer, cache.lengths, cfg, scale=0.125, impl=impl,
                                 platform=platform)
-    want = _softmax_attention(q, keys, values, LENGTHS, 0.125)
+    want = jnp.nan_to_num(softmax_attention(q, keys, values, LENGTHS, 0.125))
     np.testing.assert_allclose(got.out, want, atol=1e-4)
 
 
@@ -117,8 +107,8 @@ def test_rotation_cuts_the_attention_error_of_heavy_tailed_two_bit_values():
         cfg = small_config("k8v2", head_dim=D, value_rotation=rotation)  # value error rules
         cache, layer, k, v = _filled(cfg, seed=6, lengths=lengths, values=values)
         got = attn.cached_attention(q, layer, cache.lengths, cfg, scale=0.125, impl="xla")
-        want = _softmax_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), lengths,
-                                  0.125)
+        want = softmax_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), lengths,
+                                 0.125)
         return float(jnp.sqrt(jnp.mean((got.out - want) ** 2)))
 
     plain, rotated = error("none"), error("hadamard")
